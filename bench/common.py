@@ -1,0 +1,48 @@
+"""Shared helpers of the benchmarks: the machine's description and result writing."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def machine() -> dict:
+    import torch
+
+    try:
+        import psutil
+
+        mem = f"{psutil.virtual_memory().total / 2**30:.0f} GiB"
+    except Exception:
+        mem = "?"
+    return dict(
+        cpu=platform.processor() or platform.machine(),
+        cores=os.cpu_count(),
+        memory=mem,
+        python=platform.python_version(),
+        torch=torch.__version__,
+        cuda=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        when=time.strftime("%Y-%m-%d %H:%M"),
+    )
+
+
+def write(name: str, rows: list[dict], extra: dict | None = None) -> Path:
+    """Write ``results/<name>.json`` and ``results/<name>.md`` (the table the README quotes).
+    Each row: what, baseline, value, ratio, goal, met."""
+    RESULTS.mkdir(exist_ok=True)
+    payload = dict(benchmark=name, machine=machine(), rows=rows, **(extra or {}))
+    (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=2))
+    m = payload["machine"]
+    lines = [f"Machine: {m['cores']} cores, {m['memory']}, {m['cuda'] or 'CPU only'}; "
+             f"python {m['python']}, torch {m['torch']}; {m['when']}.", "",
+             "| measure | baseline | spinesweep | ratio | goal | met |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['what']} | {r['baseline']} | {r['value']} | {r['ratio']:.2f}x | {r['goal']} | "
+                     f"{'yes' if r['met'] else 'NO'} |")
+    (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return RESULTS / f"{name}.json"

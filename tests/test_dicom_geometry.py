@@ -1,0 +1,144 @@
+import shutil
+import warnings
+
+import numpy as np
+import pytest
+from pydicom.data import get_testdata_file
+
+from trainer.data.dicom import DicomWarning, read_series
+from trainer.data.geometry import (nearest_slice, patient_to_pixel, pixel_to_patient, sagittal_side,
+                                   slice_normal)
+from trainer.data.phantom import SeriesPlan, write_series
+
+from helpers import AXIAL, SAGITTAL, dot_images, series_plan, write_sagittal
+
+
+def test_sorted_by_position_not_by_instance_number(tmp_path):
+    # instance numbers run against anatomy and jump (24 -> 5031)
+    xs = [-6.0, -3.0, 0.0, 3.0, 6.0]
+    write_sagittal(tmp_path, xs, instances=[5033, 5031, 24, 23, 22])
+    vol = read_series(tmp_path)
+    proj = vol.positions @ slice_normal(vol)
+    assert np.all(np.diff(proj) > 0)
+    # the sagittal normal is -x, so sorted along it the x positions fall
+    assert list(vol.positions[:, 0]) == sorted(xs, reverse=True)
+    assert list(vol.instance_numbers) == [22, 23, 24, 5031, 5033]
+    assert vol.index_of_instance(24) == 2 and vol.index_of_instance(7) is None
+
+
+def test_pixel_patient_round_trip_and_known_position(tmp_path):
+    write_sagittal(tmp_path, [0.0, 3.0], instances=[1, 2], spacing=0.5)
+    vol = read_series(tmp_path)
+    i = vol.index_of_instance(1)
+    p = pixel_to_patient(vol, i, 10, 20)
+    # row direction +y, column direction -z, spacing 0.5
+    np.testing.assert_allclose(p, [0.0, -16.0 + 5.0, 16.0 - 10.0])
+    x, y, d = patient_to_pixel(vol, i, p)
+    assert (x, y) == pytest.approx((10, 20)) and d == pytest.approx(0)
+
+
+def test_missing_thickness_and_mixed_shapes_are_tolerated(tmp_path):
+    plan = series_plan(AXIAL, [(-16, -16, z) for z in (0.0, 3.0, 6.0)])
+    images = dot_images(3)
+    images[1] = np.full((48, 80), 7, dtype=np.uint16)  # a slice of another shape in the same series
+    write_series(tmp_path, images, plan, [1, 2, 3], 1, 2, with_thickness=False)
+    vol = read_series(tmp_path)
+    assert [im.shape for im in vol.images] == [(64, 64), (48, 80), (64, 64)]
+
+
+def test_truncated_file_is_skipped_with_a_warning_naming_it(tmp_path):
+    write_sagittal(tmp_path, [0.0, 3.0, 6.0], instances=[1, 2, 3])
+    shutil.copy(get_testdata_file("MR_truncated.dcm"), tmp_path / "4.dcm")
+    (tmp_path / "5.dcm").write_bytes(b"not a dicom file")
+    with pytest.warns(DicomWarning, match=r"4\.dcm: unreadable DICOM slice skipped"):
+        vol = read_series(tmp_path)
+    assert len(vol) == 3
+    assert {name for name, _ in vol.skipped} == {"4.dcm", "5.dcm"}
+
+
+def test_rle_compressed_files_decode_like_raw_ones(tmp_path):
+    raw, rle = tmp_path / "raw", tmp_path / "rle"
+    write_sagittal(raw, [0.0, 3.0, 6.0], [1, 2, 3], dots=[(5, 6), (7, 8), (9, 10)])
+    write_sagittal(rle, [0.0, 3.0, 6.0], [1, 2, 3], dots=[(5, 6), (7, 8), (9, 10)], rle_every=1)
+    import pydicom
+
+    assert pydicom.dcmread(rle / "1.dcm").file_meta.TransferSyntaxUID.name == "RLE Lossless"
+    for a, b in zip(read_series(raw).images, read_series(rle).images):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_no_readable_file_raises(tmp_path):
+    (tmp_path / "1.dcm").write_bytes(b"junk")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(FileNotFoundError, match="no readable DICOM"):
+            read_series(tmp_path)
+    with pytest.raises(FileNotFoundError, match="series folder not found"):
+        read_series(tmp_path / "missing")
+
+
+def test_sagittal_side_follows_patient_x_not_index(tmp_path):
+    write_sagittal(tmp_path, [-9.0, 0.0, 9.0], [1, 2, 3])
+    vol = read_series(tmp_path)
+    sides = {float(vol.positions[i, 0]): sagittal_side(vol, i, midline_x=0.0) for i in range(3)}
+    assert sides[9.0] == "left" and sides[-9.0] == "right"  # +x is the patient's left
+
+
+def test_nearest_axial_slice_of_a_sagittal_point(tmp_path):
+    sag, ax = tmp_path / "sag", tmp_path / "ax"
+    write_sagittal(sag, [0.0], [1], spacing=0.5)
+    # axial stack at z = 0, 4, 8 with the FFS mirror (row direction -x)
+    ffs = np.array([-1, 0, 0, 0, 1, 0], dtype=float)
+    plan = SeriesPlan("Axial T2", "T2", np.array([(16, -16, z) for z in (0.0, 4.0, 8.0)]),
+                      np.tile(ffs, (3, 1)), 0.5, 64, 3, 4, "FFS")
+    write_series(ax, dot_images(3), plan, [3, 2, 1], 1, 3)
+    vs, va = read_series(sag), read_series(ax)
+    p = pixel_to_patient(vs, 0, 32, 24)  # (0, 0, 4)
+    idx, x, y, dist = nearest_slice(va, p)
+    assert va.positions[idx, 2] == pytest.approx(4.0) and dist == pytest.approx(0.0)
+    assert (x, y) == pytest.approx((32, 32))
+    # FFS: patient-left (+x) lands at a smaller image column than patient-right
+    xl, _, _ = patient_to_pixel(va, idx, p + [5, 0, 0])
+    xr, _, _ = patient_to_pixel(va, idx, p - [5, 0, 0])
+    assert xl < xr
+
+
+def test_phantom_left_points_lie_on_the_patients_left(layout):
+    """The phantom's left foramen and left recess points sit at larger patient x, whichever the
+    stack order or FFS mirroring of their series."""
+    from trainer.data.geometry import slice_center
+
+    c = layout.coordinates
+    n_checked = 0
+    for sid in layout.study_ids:
+        rows = c[c.study_id == sid]
+        for prefix in ("neural_foraminal_narrowing", "subarticular_stenosis"):
+            for level in ("l2_l3", "l4_l5"):
+                pts = {}
+                for side in ("left", "right"):
+                    r = rows[(rows.condition == f"{side}_{prefix}") & (rows.level == level)]
+                    if len(r):
+                        r = r.iloc[0]
+                        vol = read_series(layout.series_dir(sid, r.series_id))
+                        i = vol.index_of_instance(r.instance_number)
+                        pts[side] = pixel_to_patient(vol, i, r.x, r.y)[0]
+                if len(pts) == 2:
+                    assert pts["left"] > pts["right"]
+                    n_checked += 1
+    assert n_checked >= 20
+
+
+@pytest.mark.parametrize("name", ["MR_truncated.dcm", "SC_rgb_rle_32bit.dcm", "rtplan.dcm", "no_meta.dcm",
+                                  "MR_small_RLE.dcm", "MR_small_bigendian.dcm", "MR_small_implicit.dcm"])
+def test_pydicom_test_files_never_crash_the_reader(tmp_path, name):
+    """dicomsdl segfaults or aborts on some of these; the reader must only skip or decode them."""
+    from trainer.data.dicom import _read_slice
+    from pathlib import Path
+
+    path = Path(get_testdata_file(name))
+    try:
+        pixels, *_ = _read_slice(path)
+    except Exception as e:
+        assert name in ("MR_truncated.dcm", "SC_rgb_rle_32bit.dcm", "rtplan.dcm", "no_meta.dcm"), e
+    else:
+        assert pixels.shape == (64, 64)

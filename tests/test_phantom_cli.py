@@ -1,0 +1,109 @@
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pydicom
+import pytest
+
+from trainer.data.layout import LABEL_COLUMNS, SEVERITIES, Layout
+from trainer.data.phantom import make_phantom
+
+
+def tree_hash(root: Path) -> str:
+    h = hashlib.sha1()
+    for p in sorted(root.rglob("*")):
+        if p.is_file():
+            h.update(str(p.relative_to(root)).encode() + p.read_bytes())
+    return h.hexdigest()
+
+
+def test_phantom_is_deterministic_per_seed(tmp_path):
+    make_phantom(tmp_path / "a", studies=2, test_studies=1, seed=3)
+    make_phantom(tmp_path / "b", studies=2, test_studies=1, seed=3, jobs=2)
+    make_phantom(tmp_path / "c", studies=2, test_studies=1, seed=4)
+    assert tree_hash(tmp_path / "a") == tree_hash(tmp_path / "b")
+    assert tree_hash(tmp_path / "a") != tree_hash(tmp_path / "c")
+
+
+def test_phantom_has_the_rsna_layout_and_dicom_tags(phantom_dir):
+    root = phantom_dir
+    assert list(pd.read_csv(root / "train.csv").columns) == ["study_id", *LABEL_COLUMNS]
+    assert list(pd.read_csv(root / "sample_submission.csv").columns) == ["row_id", "normal_mild", "moderate", "severe"]
+    layout = Layout(root)
+    layout.validate()
+    sub = pd.read_csv(root / "sample_submission.csv")
+    assert len(sub) == 25 * layout.test_series.study_id.nunique()
+    files = sorted((root / "train_images").rglob("*.dcm"))
+    ds = pydicom.dcmread(files[0])
+    for tag in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "SliceThickness",
+                "InstanceNumber", "SeriesDescription", "PatientPosition", "StudyInstanceUID",
+                "SeriesInstanceUID", "SOPInstanceUID"):
+        assert tag in ds, tag
+    assert (ds.Modality, ds.BitsAllocated, ds.BitsStored, ds.PhotometricInterpretation) == ("MR", 16, 12, "MONOCHROME2")
+    test_file = next((root / "test_images").rglob("*.dcm"))
+    assert "SliceThickness" not in pydicom.dcmread(test_file)  # as the hidden test set may be
+
+
+def test_phantom_varies_what_real_data_varies(tmp_path):
+    make_phantom(tmp_path, studies=12, test_studies=0, seed=11, jobs=2)
+    layout = Layout(tmp_path)
+    sizes, starts, reversed_, ffs, counts = set(), [], 0, 0, set()
+    for sid in layout.study_ids:
+        for desc, ids in layout.series_of(sid).items():
+            files = list(layout.series_dir(sid, ids[0]).glob("*.dcm"))
+            counts.add(len(files))
+            numbers = sorted(int(f.stem) for f in files)
+            starts.append(numbers[0])
+            a, b = (pydicom.dcmread(layout.series_dir(sid, ids[0]) / f"{n}.dcm") for n in numbers[:2])
+            sizes.add(a.Rows)
+            normal = np.cross(np.array(a.ImageOrientationPatient[:3], float), np.array(a.ImageOrientationPatient[3:], float))
+            step = (np.array(b.ImagePositionPatient, float) - np.array(a.ImagePositionPatient, float)) @ normal
+            reversed_ += step < 0
+            ffs += a.PatientPosition == "FFS"
+    assert len(sizes) >= 3 and len(counts) >= 5
+    assert any(s > 1 for s in starts) and reversed_ >= 1 and ffs >= 1
+
+
+def test_label_priors_are_realistic():
+    from trainer.data.phantom import _grades
+
+    g = np.array([_grades(np.random.default_rng(i)) for i in range(2000)])
+    assert abs((g == 0).mean() - 0.80) < 0.02 and abs((g == 1).mean() - 0.13) < 0.02
+    assert abs((g == 2).mean() - 0.07) < 0.015 and 0.005 < (g == -1).mean() < 0.02
+    severe_by_level = [(g[:, :, lv] == 2).mean() for lv in range(5)]
+    assert severe_by_level[0] < severe_by_level[3]  # lower levels are worse
+
+
+def run_cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "sweep.cli", *args], capture_output=True, text=True, cwd=cwd)
+
+
+def test_data_check_reports_zero_failures_on_the_phantom(phantom_dir):
+    r = run_cli("data", "check", "--data", str(phantom_dir), "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["studies"] == 10 and out["failures"] == {}
+    assert out["crops_built"] + out["unlabelled_blocks"] == out["crops_expected"]
+    assert out["points"] == len(pd.read_csv(phantom_dir / "train_label_coordinates.csv"))
+
+
+def test_data_check_counts_broken_input_and_still_exits_zero(phantom_copy):
+    layout = Layout(phantom_copy)
+    sid = layout.study_ids[0]
+    folder = layout.series_dir(sid, layout.series_of(sid)["Axial T2"][0])
+    victim = sorted(folder.glob("*.dcm"))[0]
+    victim.write_bytes(victim.read_bytes()[:-500])  # truncated
+    r = run_cli("data", "check", "--data", str(phantom_copy), "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["failures"].get("slice_unreadable") == 1
+    assert victim.name in out["failure_examples"]["slice_unreadable"]
+
+
+def test_data_check_exits_nonzero_only_when_the_layout_is_unreadable(tmp_path):
+    r = run_cli("data", "check", "--data", str(tmp_path))
+    assert r.returncode == 2 and "train.csv: file not found" in r.stderr and "Traceback" not in r.stderr

@@ -1,0 +1,349 @@
+"""`TrainConfig`: every knob the manual log turned, typed, with defaults.
+
+A config round-trips through YAML (nested) and through a flat ``section.key=value`` dict (the
+MLflow params); a run is reproduced from that flat dict alone. Unknown keys and wrong types fail
+with a `ConfigError` naming the key. Configs are immutable: `replace` and `with_overrides` return
+new objects, so a study never mutates a shared config.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from .data.layout import CONDITIONS
+
+PLANES = ("sag_t2", "sag_t1", "axial")
+# which plane shows each condition (crop blocks are built only for the planes needed)
+PLANE_FOR_CONDITION = {
+    "spinal_canal_stenosis": "sag_t2",
+    "left_neural_foraminal_narrowing": "sag_t1",
+    "right_neural_foraminal_narrowing": "sag_t1",
+    "left_subarticular_stenosis": "axial",
+    "right_subarticular_stenosis": "axial",
+}
+
+
+class ConfigError(ValueError):
+    """A config key is unknown or has a value of the wrong type; the message names the key."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    data_dir: str = "data/phantom"
+    conditions: tuple[str, ...] = CONDITIONS
+    planes: tuple[str, ...] = ()  # empty: the planes the conditions need
+    window_ratio: float = 0.15  # half the crop's side = ratio x the image's side (sagittal)
+    axial_window_ratio: float = 0.35
+    sag_t1_slices: int = 3  # per side (left and right foramen)
+    sag_t2_slices: int = 5
+    axial_slices: int = 3
+    img_size: int = 128
+    normalize: Literal["minmax255", "standardize"] = "minmax255"
+    fold: int = 0
+    n_folds: int = 4
+    folds_seed: int = 42
+    max_studies: int = 0  # 0: all; a cap for smoke runs
+    cache_dir: str = ""  # empty: $SPINESWEEP_CACHE or ~/.cache/spinesweep
+
+    def used_planes(self) -> tuple[str, ...]:
+        if self.planes:
+            return tuple(p for p in PLANES if p in self.planes)
+        need = {PLANE_FOR_CONDITION[c] for c in self.conditions}
+        return tuple(p for p in PLANES if p in need)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    backbone: str = "tf_efficientnet_b0.ns_jft_in1k"
+    pretrained: bool | Literal["auto"] = True
+    in_chans: int = 1  # slices per backbone image (2.5-D: 3)
+    head: str = "lstm"
+    pooling: Literal["avg", "max", "gem"] = "avg"
+    dropout: float = 0.2
+    rnn_hidden: int = 128
+    rnn_layers: int = 1
+    attention_hidden: int = 64
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 1e-3
+    epochs: int = 10
+    batch_size: int = 8
+    warmup_ratio: float = 0.1
+    weight_decay: float = 1e-2
+    scheduler: Literal["cosine", "constant", "linear"] = "cosine"
+    loss: Literal["ce", "focal"] = "ce"
+    focal_gamma: float = 2.0
+    class_weights: tuple[float, float, float] = (1.0, 2.0, 4.0)
+    label_smoothing: float = 0.0
+    grad_clip: float = 1.0  # 0: off
+    ema: float = 0.0  # 0: off, else the decay (e.g. 0.99)
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    preset: str = "light"  # none / light / medium / heavy
+    ops: tuple[dict, ...] = ()  # [{name: HorizontalFlip, p: 0.5, ...}]: replaces the preset when given
+    mixup_alpha: float = 0.0
+    mixup_p: float = 0.0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    seed: int = 42
+    device: str = "auto"  # auto / cpu / cuda / cuda:N
+    amp: bool = True  # used on CUDA only
+    num_workers: int = 0
+    select_by: Literal["score", "loss"] = "score"
+    output_dir: str = ""  # where checkpoints go; empty: a temporary folder per run
+
+    # ---- construction ----
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "TrainConfig":
+        return _build(cls, d or {}, "")
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "TrainConfig":
+        path = Path(path)
+        try:
+            d = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: invalid YAML ({e})") from e
+        if not isinstance(d, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of config sections")
+        try:
+            return cls.from_dict(d)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
+
+    @classmethod
+    def from_flat(cls, flat: dict[str, Any]) -> "TrainConfig":
+        """From ``{"optim.lr": "0.001", ...}``: values may be strings (MLflow params) or typed."""
+        return cls().with_overrides(flat)
+
+    # ---- views ----
+    def to_dict(self) -> dict:
+        return _to_plain(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def to_flat(self) -> dict[str, str]:
+        """``section.key -> str`` for every field; lists and dicts as JSON."""
+        out: dict[str, str] = {}
+
+        def walk(obj, prefix):
+            for f in dataclasses.fields(obj):
+                v = getattr(obj, f.name)
+                key = prefix + f.name
+                if dataclasses.is_dataclass(v):
+                    walk(v, key + ".")
+                else:
+                    out[key] = _flat_str(_to_plain(v))
+
+        walk(self, "")
+        return out
+
+    # ---- changes ----
+    def with_overrides(self, overrides: dict[str, Any]) -> "TrainConfig":
+        """Apply ``section.key -> value`` overrides; string values are parsed by the field's type."""
+        d = self.to_dict()
+        for key, value in overrides.items():
+            parts = key.split(".")
+            node, ftype = d, TrainConfig
+            for i, p in enumerate(parts):
+                fields = {f.name: f for f in dataclasses.fields(ftype)} if dataclasses.is_dataclass(ftype) else {}
+                if p not in fields:
+                    raise ConfigError(_unknown(".".join(parts[: i + 1]), fields))
+                hint = typing.get_type_hints(ftype)[p]
+                if i < len(parts) - 1:
+                    if not dataclasses.is_dataclass(hint):
+                        raise ConfigError(f"{'.'.join(parts[: i + 1])}: is a value, not a section")
+                    node, ftype = node[p], hint
+                else:
+                    if dataclasses.is_dataclass(hint):
+                        raise ConfigError(f"{key}: is a section; set one of its keys")
+                    node[p] = _parse_str(value, hint, key) if isinstance(value, str) else value
+        return TrainConfig.from_dict(d)
+
+    def replace(self, **sections) -> "TrainConfig":
+        return dataclasses.replace(self, **sections)
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _unknown(key: str, fields) -> str:
+    import difflib
+
+    leaf = key.rsplit(".", 1)[-1]
+    close = difflib.get_close_matches(leaf, list(fields), n=3)
+    hint = f"; did you mean {', '.join(close)}?" if close else f"; known: {', '.join(fields)}"
+    return f"{key}: unknown config key{hint}"
+
+
+def _flat_str(v) -> str:
+    if isinstance(v, (list, dict)):
+        return json.dumps(v, separators=(",", ":"))
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    return str(v)
+
+
+def _parse_str(s: str, hint, key: str):
+    """A string from the command line or MLflow into the field's type."""
+    origin = typing.get_origin(hint)
+    if hint is str:
+        return s
+    if origin is Literal or _is_union(hint):
+        try:
+            return yaml.safe_load(s)
+        except yaml.YAMLError:
+            return s
+    if origin in (tuple, list) or hint in (int, float, bool):
+        try:
+            return yaml.safe_load(s) if hint is not bool else _parse_bool(s, key)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{key}: cannot parse {s!r} ({e})") from None
+    return s
+
+
+def _parse_bool(s: str, key: str) -> bool:
+    low = s.strip().lower()
+    if low in ("true", "1", "yes", "on"):
+        return True
+    if low in ("false", "0", "no", "off"):
+        return False
+    raise ConfigError(f"{key}: expected true/false, got {s!r}")
+
+
+def _is_union(hint) -> bool:
+    return typing.get_origin(hint) in (typing.Union, types.UnionType)
+
+
+def _check(value, hint, key: str):
+    """Return `value` coerced to `hint` or raise ConfigError naming `key`."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if hint is Any:
+        return value
+    if _is_union(hint):
+        errors = []
+        for a in args:
+            try:
+                return _check(value, a, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{key}: {value!r} matches none of {_type_name(hint)}")
+    if origin is Literal:
+        if value in args and type(value) is type(args[args.index(value)]):
+            return value
+        raise ConfigError(f"{key}: {value!r} is not one of {list(args)}")
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    if hint is dict:
+        if isinstance(value, dict):
+            return value
+        raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+    if origin is tuple:
+        if isinstance(value, str) or not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_check(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ConfigError(f"{key}: expected {len(args)} values, got {len(value)}")
+        return tuple(_check(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a section (mapping), got {value!r}")
+        return _build(hint, value, key + ".")
+    raise ConfigError(f"{key}: unsupported type {hint}")
+
+
+def _type_name(hint) -> str:
+    return " | ".join(getattr(a, "__name__", str(a)) for a in typing.get_args(hint))
+
+
+def _build(cls, d: dict, prefix: str):
+    if dataclasses.is_dataclass(d):
+        return d
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for k, v in d.items():
+        if k not in fields:
+            raise ConfigError(_unknown(prefix + str(k), fields))
+        kwargs[k] = _check(v, hints[k], prefix + k)
+    obj = cls(**kwargs)
+    _validate(obj, prefix)
+    return obj
+
+
+def _validate(obj, prefix: str) -> None:
+    """Value checks that types cannot express; builds nothing."""
+    if isinstance(obj, DataConfig):
+        for c in obj.conditions:
+            if c not in CONDITIONS:
+                raise ConfigError(_unknown(f"{prefix}conditions: {c}", CONDITIONS).replace("config key", "condition"))
+        if not obj.conditions:
+            raise ConfigError(f"{prefix}conditions: at least one condition is needed")
+        for p in obj.planes:
+            if p not in PLANES:
+                raise ConfigError(f"{prefix}planes: {p!r} is not one of {list(PLANES)}")
+        for k in ("window_ratio", "axial_window_ratio"):
+            if not 0 < getattr(obj, k) <= 1:
+                raise ConfigError(f"{prefix}{k}: must be in (0, 1], got {getattr(obj, k)}")
+        for k in ("sag_t1_slices", "sag_t2_slices", "axial_slices", "img_size", "n_folds"):
+            if getattr(obj, k) < 1:
+                raise ConfigError(f"{prefix}{k}: must be >= 1, got {getattr(obj, k)}")
+        if not 0 <= obj.fold < obj.n_folds:
+            raise ConfigError(f"{prefix}fold: must be in [0, n_folds={obj.n_folds}), got {obj.fold}")
+    elif isinstance(obj, OptimConfig):
+        for k in ("lr", "epochs", "batch_size"):
+            if getattr(obj, k) <= 0:
+                raise ConfigError(f"{prefix}{k}: must be > 0, got {getattr(obj, k)}")
+        if not 0 <= obj.warmup_ratio < 1:
+            raise ConfigError(f"{prefix}warmup_ratio: must be in [0, 1), got {obj.warmup_ratio}")
+        if not 0 <= obj.ema < 1:
+            raise ConfigError(f"{prefix}ema: must be in [0, 1), got {obj.ema}")
+    elif isinstance(obj, ModelConfig):
+        if obj.in_chans < 1:
+            raise ConfigError(f"{prefix}in_chans: must be >= 1, got {obj.in_chans}")
+        if not 0 <= obj.dropout < 1:
+            raise ConfigError(f"{prefix}dropout: must be in [0, 1), got {obj.dropout}")
+
+
+def _to_plain(v):
+    if dataclasses.is_dataclass(v):
+        return {f.name: _to_plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
+    if isinstance(v, (list, tuple)):
+        return [_to_plain(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _to_plain(x) for k, x in v.items()}
+    return v
