@@ -86,6 +86,45 @@ def cmd_data_check(args) -> int:
     return 0
 
 
+def parse_overrides(items: list[str]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"override {item!r}: expected key=value, e.g. optim.lr=3e-4")
+        out[key.strip()] = value
+    return out
+
+
+def cmd_train(args) -> int:
+    from trainer.config import TrainConfig
+    from trainer.report import EpochTable, result_summary
+
+    cfg = TrainConfig.from_yaml(args.config) if args.config else TrainConfig()
+    overrides = parse_overrides(args.overrides)
+    if args.output_dir:
+        overrides["output_dir"] = args.output_dir
+    cfg = cfg.with_overrides(overrides)  # validates before any data is touched
+    if args.data:
+        cfg = cfg.with_overrides({"data.data_dir": str(ensure_data(args.data))})
+    elif cfg.data.data_dir == TrainConfig().data.data_dir:
+        cfg = cfg.with_overrides({"data.data_dir": str(ensure_data(None))})  # the phantom, built on first use
+    from trainer.fit import fit
+
+    table = EpochTable(sys.stderr if args.json else sys.stdout)
+    result = fit(cfg, callbacks=[table], progress=table.progress)
+    table.close()
+    summary = result_summary(result)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print(f"best epoch {summary['best_epoch']}: score {summary['score']:.4f} "
+              f"(prior {summary['prior_score']:.4f}, ratio {summary['score'] / summary['prior_score']:.3f})")
+        print("  " + ", ".join(f"{k} {v:.4f}" for k, v in summary["groups"].items()))
+        print(f"  checkpoint {summary['checkpoint']}")
+    return 0
+
+
 # ------------------------------------------------------------------ parser
 
 
@@ -109,6 +148,14 @@ def build_parser() -> argparse.ArgumentParser:
     dc.add_argument("--cache-dir", help="cache folder (default: $SPINESWEEP_CACHE or ~/.cache/spinesweep)")
     dc.add_argument("--json", action="store_true")
     dc.set_defaults(func=cmd_data_check)
+
+    tr = sub.add_parser("train", help="one training run of a config (the manual log's workflow)")
+    tr.add_argument("--config", help="TrainConfig YAML (default: built-in defaults)")
+    tr.add_argument("--data", help="RSNA-format folder (default: the config's, or the phantom)")
+    tr.add_argument("--output-dir", help="where the checkpoint goes (default: a temporary folder)")
+    tr.add_argument("--json", action="store_true", help="print a final JSON object (the table goes to stderr)")
+    tr.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.lr=3e-4")
+    tr.set_defaults(func=cmd_train)
     return p
 
 

@@ -1,0 +1,363 @@
+"""`fit(cfg, callbacks) -> FitResult`: the one training loop every trial, `optuna-run train` and
+the tests call the same way. It imports neither optuna nor mlflow.
+
+Callbacks are plain callables ``callback(epoch, metrics) -> bool | None``, called after every
+epoch's validation; returning True stops the run (it still returns a FitResult, with
+`stopped_early`); raising propagates after the trainer has released its memory and files.
+"""
+from __future__ import annotations
+
+import math
+import platform
+import random
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from .augment import build_augment, describe
+from .config import TrainConfig
+from .data.cache import SampleStore, data_fingerprint, default_cache_dir
+from .data.crops import CropSpec
+from .data.dataset import SpineDataset
+from .data.folds import load_folds
+from .data.layout import TARGET_COLUMNS, Layout
+from .metric import build_solution, predictions_frame, score_groups
+from .models import build_model
+
+Callback = Callable[[int, dict], "bool | None"]
+
+
+@dataclass
+class FitResult:
+    config: TrainConfig
+    history: list[dict]  # one dict of metrics per epoch
+    best_epoch: int  # 1-based, chosen by config.select_by
+    score: float  # validation score at the best epoch
+    groups: dict[str, float]  # its per-group losses
+    prior_score: float  # predicting the training fold's class frequencies on the same rows
+    prior_groups: dict[str, float]
+    oof: pd.DataFrame  # validation predictions at the best epoch, Kaggle form
+    solution: pd.DataFrame  # the matching solution rows
+    confusion: dict[str, list[list[int]]]  # per condition, rows = truth, columns = prediction
+    checkpoint: str | None
+    environment: dict
+    pretrained_loaded: bool
+    augment_pipeline: dict
+    data_fingerprint: str
+    n_train: int
+    n_val: int
+    stopped_early: bool = False
+    stop_reason: str = ""
+    seconds: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def best(self) -> dict:
+        return self.history[self.best_epoch - 1] if self.history else {}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {name!r} asked for, but CUDA is not available on this machine")
+    return dev
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def lr_lambda(cfg, total_steps: int) -> Callable[[int], float]:
+    warmup = int(cfg.optim.warmup_ratio * total_steps)
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if cfg.optim.scheduler == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        if cfg.optim.scheduler == "linear":
+            return max(0.0, 1 - progress)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return f
+
+
+def weighted_loss(logits, target, mask, class_weights, focal_gamma: float = 0.0, smoothing: float = 0.0):
+    """Weighted soft-label cross entropy (optionally focal), the training criterion.
+
+    logits [B, C, 3]; target [B, C, 3] soft labels; mask [B, C] (0 where the label is empty).
+    Rows weigh by their true class (1/2/4 by default), normalised by the total weight, as the
+    metric does, so the loss and the score agree on what matters."""
+    row_w = (target * class_weights).sum(-1) * mask
+    if smoothing:
+        target = target * (1 - smoothing) + smoothing / 3
+    logp = F.log_softmax(logits.float(), dim=-1)
+    loss = -(target * logp).sum(-1)
+    if focal_gamma:
+        p_true = (target * logp.exp()).sum(-1)
+        loss = loss * (1 - p_true).clamp_min(0).pow(focal_gamma)
+    return (loss * row_w).sum() / row_w.sum().clamp_min(1e-8)
+
+
+def _one_hot(target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    mask = (target >= 0).float()
+    return F.one_hot(target.clamp_min(0), 3).float() * mask[..., None], mask
+
+
+class _EMA:
+    """Exponential moving average of the weights (and buffers), kept on the model's device."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.model = torch.optim.swa_utils.AveragedModel(
+            model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(decay), use_buffers=True)
+
+    def update(self, model):
+        self.model.update_parameters(model)
+
+
+def _split(layout: Layout, cfg: TrainConfig, cache_root: Path, fingerprint: str):
+    folds = load_folds(layout, cfg.data.n_folds, cfg.data.folds_seed, cache_root, fingerprint)
+    if cfg.data.max_studies:
+        # keep the first studies of every fold, so capped runs keep the same split
+        per_fold = max(1, cfg.data.max_studies // cfg.data.n_folds)
+        folds = folds.groupby("fold", group_keys=False).head(per_fold)
+    val = folds.loc[folds["fold"] == cfg.data.fold, "study_id"].tolist()
+    train = folds.loc[folds["fold"] != cfg.data.fold, "study_id"].tolist()
+    if not val or not train:
+        raise ValueError(f"data.fold={cfg.data.fold}: empty train or validation split "
+                         f"({len(train)} / {len(val)} studies)")
+    return sorted(train), sorted(val)
+
+
+def prior_predictions(layout: Layout, train_ids, val_ds: SpineDataset) -> pd.DataFrame:
+    """Every validation row gets its condition's class frequencies in the training fold."""
+    labels = layout.labels
+    rows = labels[labels["study_id"].isin(set(train_ids)) & (labels["severity"] >= 0)]
+    probs = []
+    for cond in val_ds.conditions:
+        counts = np.bincount(rows.loc[rows["condition"] == cond, "severity"], minlength=3).astype(float)
+        probs.append((counts + 1) / (counts.sum() + 3))  # add-one, so no class is impossible
+    probs = np.tile(np.asarray(probs)[None], (len(val_ds.items), 1, 1))
+    ids, lvls = zip(*val_ds.items)
+    return predictions_frame(ids, lvls, probs, val_ds.conditions)
+
+
+def confusion_matrices(solution: pd.DataFrame, oof: pd.DataFrame, conditions) -> dict:
+    merged = solution.merge(oof, on="row_id", suffixes=("", "_pred"))
+    truth = merged[list(TARGET_COLUMNS)].to_numpy().argmax(1)
+    pred = merged[[c + "_pred" for c in TARGET_COLUMNS]].to_numpy().argmax(1)
+    out = {}
+    for cond in conditions:
+        m = merged["row_id"].str.contains(f"_{cond}_", regex=False).to_numpy()
+        cm = np.zeros((3, 3), dtype=int)
+        np.add.at(cm, (truth[m], pred[m]), 1)
+        out[cond] = cm.tolist()
+    return out
+
+
+def environment(device: torch.device, amp_dtype) -> dict:
+    import albumentations
+    import timm
+
+    return dict(
+        device=str(device),
+        device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        amp=str(amp_dtype).replace("torch.", "") if amp_dtype else "off",
+        threads=torch.get_num_threads(),
+        python=platform.python_version(), torch=torch.__version__, timm=timm.__version__,
+        albumentations=albumentations.__version__, numpy=np.__version__,
+        cuda=torch.version.cuda if device.type == "cuda" else None,
+    )
+
+
+def fit(cfg: TrainConfig, callbacks: Iterable[Callback] = (), progress: Callable | None = None) -> FitResult:
+    """Train on every fold but `cfg.data.fold`, validate on it each epoch; see the module doc.
+
+    `progress(stage, done, total)` is an optional hook for progress bars."""
+    t_start = time.perf_counter()
+    callbacks = list(callbacks)
+    seed_everything(cfg.seed)
+    device = resolve_device(cfg.device)
+    amp_dtype = None
+    if cfg.amp and device.type == "cuda":
+        amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+    layout = Layout(Path(cfg.data.data_dir))
+    cache_root = default_cache_dir(cfg.data.cache_dir)
+    fingerprint = data_fingerprint(layout)
+    train_ids, val_ids = _split(layout, cfg, cache_root, fingerprint)
+    spec = CropSpec.from_config(cfg.data)
+    store = SampleStore(layout, spec, cache_root)
+    store.ensure(train_ids + val_ids)
+
+    conditions = cfg.data.conditions
+    augment = build_augment(cfg.augment, seed=cfg.seed)
+    train_ds = SpineDataset(store, train_ids, conditions, cfg.data.normalize, transform=augment)
+    val_ds = SpineDataset(store, val_ids, conditions, cfg.data.normalize)
+    g = torch.Generator().manual_seed(cfg.seed)
+    loader_kw = dict(num_workers=cfg.num_workers, pin_memory=device.type == "cuda",
+                     persistent_workers=cfg.num_workers > 0)
+    train_dl = DataLoader(train_ds, batch_size=cfg.optim.batch_size, shuffle=True, drop_last=len(train_ds) > cfg.optim.batch_size,
+                          generator=g, worker_init_fn=_worker_init, **loader_kw)
+    val_dl = DataLoader(val_ds, batch_size=cfg.optim.batch_size * 2, shuffle=False, **loader_kw)
+
+    solution = build_solution(layout, val_ids, conditions)
+    prior = score_groups(solution, prior_predictions(layout, train_ids, val_ds))
+
+    model = build_model(cfg.model, spec.n_slices, len(conditions)).to(device)
+    ema = _EMA(model, cfg.optim.ema) if cfg.optim.ema else None
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    total_steps = max(1, cfg.optim.epochs * len(train_dl))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+    class_w = torch.tensor(cfg.optim.class_weights, device=device)
+    out_dir = Path(cfg.output_dir) if cfg.output_dir else Path(tempfile.mkdtemp(prefix="spinesweep-run-"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_path = out_dir / "checkpoint.pt"
+
+    history: list[dict] = []
+    best = dict(epoch=0, value=math.inf, oof=None)
+    stopped, reason = False, ""
+    try:
+        for epoch in range(1, cfg.optim.epochs + 1):
+            t0 = time.perf_counter()
+            train_loss, data_s = _train_epoch(model, train_dl, optimizer, scheduler, scaler, ema, cfg, device,
+                                              amp_dtype, class_w, epoch, progress)
+            t_train = time.perf_counter() - t0
+            eval_model = ema.model if ema else model
+            probs, val_loss = _evaluate(eval_model, val_dl, device, amp_dtype, class_w)
+            oof = predictions_frame(*zip(*val_ds.items), probs, conditions)
+            res = score_groups(solution, oof)
+            metrics = dict(epoch=epoch, train_loss=train_loss, val_loss=val_loss, score=res.score,
+                           **{f"loss_{k}": v for k, v in res.groups.items()},
+                           lr=optimizer.param_groups[0]["lr"], seconds=time.perf_counter() - t0,
+                           train_seconds=t_train, data_seconds=data_s)
+            history.append(metrics)
+            value = res.score if cfg.select_by == "score" else val_loss
+            if value < best["value"]:
+                best.update(epoch=epoch, value=value, oof=oof, groups=res.groups, score=res.score)
+                _save_checkpoint(ckpt_path, eval_model, cfg, spec, epoch, metrics)
+            for cb in callbacks:
+                if cb(epoch, dict(metrics)):
+                    stopped, reason = True, f"stopped by {getattr(cb, '__name__', type(cb).__name__)} after epoch {epoch}"
+            if stopped:
+                break
+        return FitResult(
+            config=cfg, history=history, best_epoch=best["epoch"], score=best["score"], groups=best["groups"],
+            prior_score=prior.score, prior_groups=prior.groups, oof=best["oof"], solution=solution,
+            confusion=confusion_matrices(solution, best["oof"], conditions), checkpoint=str(ckpt_path),
+            environment=environment(device, amp_dtype), pretrained_loaded=model.pretrained_loaded,
+            augment_pipeline=describe(augment), data_fingerprint=fingerprint,
+            n_train=len(train_ds), n_val=len(val_ds), stopped_early=stopped, stop_reason=reason,
+            seconds=time.perf_counter() - t_start,
+        )
+    finally:
+        # release memory and worker processes whether the run ended, stopped or raised
+        del model, optimizer, scheduler, ema, train_dl, val_dl
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _worker_init(worker_id: int) -> None:
+    info = torch.utils.data.get_worker_info()
+    seed = int(info.seed % 2**31)
+    np.random.seed(seed)
+    random.seed(seed)
+    transform = getattr(info.dataset, "transform", None)
+    if transform is not None and hasattr(transform, "set_random_seed"):
+        transform.set_random_seed(seed)
+
+
+def _train_epoch(model, loader, optimizer, scheduler, scaler, ema, cfg, device, amp_dtype, class_w, epoch, progress):
+    model.train()
+    total, n, data_s = 0.0, 0, 0.0
+    mix_rng = np.random.default_rng([cfg.seed, epoch])
+    t_wait = time.perf_counter()
+    for step, batch in enumerate(loader):
+        data_s += time.perf_counter() - t_wait
+        x = batch["image"].to(device, non_blocking=True)
+        target, mask = _one_hot(batch["target"].to(device))
+        if cfg.augment.mixup_p and mix_rng.random() < cfg.augment.mixup_p and len(x) > 1:
+            lam = float(mix_rng.beta(cfg.augment.mixup_alpha or 0.4, cfg.augment.mixup_alpha or 0.4))
+            perm = torch.from_numpy(mix_rng.permutation(len(x))).to(device)
+            x = lam * x + (1 - lam) * x[perm]
+            target = lam * target + (1 - lam) * target[perm]
+            mask = mask * mask[perm]
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            logits = model(x)
+        loss = weighted_loss(logits, target, mask, class_w, cfg.optim.focal_gamma if cfg.optim.loss == "focal" else 0.0,
+                             cfg.optim.label_smoothing)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"training loss is {loss.item()} at epoch {epoch}, step {step + 1}")
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if cfg.optim.grad_clip:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        if ema is not None:
+            ema.update(model)
+        total += loss.item() * len(x)
+        n += len(x)
+        if progress:
+            progress("train", step + 1, len(loader))
+        t_wait = time.perf_counter()
+    return total / max(n, 1), data_s
+
+
+@torch.no_grad()
+def _evaluate(model, loader, device, amp_dtype, class_w):
+    model.eval()
+    probs, loss_sum, weight_sum = [], 0.0, 0.0
+    for batch in loader:
+        x = batch["image"].to(device, non_blocking=True)
+        target, mask = _one_hot(batch["target"].to(device))
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            logits = model(x)
+        logits = logits.float()
+        w = ((target * class_w).sum(-1) * mask).sum().item()
+        loss_sum += weighted_loss(logits, target, mask, class_w).item() * w
+        weight_sum += w
+        probs.append(torch.softmax(logits, -1).cpu().numpy())
+    return np.concatenate(probs), loss_sum / max(weight_sum, 1e-8)
+
+
+def _save_checkpoint(path: Path, model, cfg: TrainConfig, spec: CropSpec, epoch: int, metrics: dict) -> None:
+    """A self-describing checkpoint: config, model arguments, state and label names."""
+    import timm
+
+    module = model.module if hasattr(model, "module") else model  # AveragedModel wraps the net
+    tmp = path.with_suffix(".tmp")
+    torch.save(dict(
+        config=cfg.to_dict(), n_slices=spec.n_slices, conditions=list(cfg.data.conditions),
+        label_names=list(TARGET_COLUMNS), blocks=spec.blocks(), epoch=epoch, metrics=metrics,
+        state_dict=module.state_dict(), versions=dict(torch=torch.__version__, timm=timm.__version__),
+    ), tmp)
+    tmp.replace(path)
+
+
+def load_checkpoint(path: str | Path, device: str = "cpu"):
+    """(model, TrainConfig, checkpoint dict) from a checkpoint written by `fit`."""
+    ckpt = torch.load(path, map_location=device, weights_only=False)
+    cfg = TrainConfig.from_dict(ckpt["config"])
+    model_cfg = cfg.model if cfg.model.pretrained is False else \
+        TrainConfig.from_dict(ckpt["config"]).with_overrides({"model.pretrained": "false"}).model
+    model = build_model(model_cfg, ckpt["n_slices"], len(ckpt["conditions"]))
+    model.load_state_dict(ckpt["state_dict"])
+    return model.to(device).eval(), cfg, ckpt

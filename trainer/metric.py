@@ -1,0 +1,131 @@
+"""The RSNA 2024 host metric (version 10), on DataFrames in the Kaggle form.
+
+- solution: ``row_id, normal_mild, moderate, severe, sample_weight`` (one-hot truth; weight 1 / 2 / 4
+  for a true Normal/Mild / Moderate / Severe); rows whose label is empty are absent (not scored).
+- submission: ``row_id, normal_mild, moderate, severe``.
+
+Predictions are normalised per row (sum 1), then clipped to [eps, 1 - eps]. Groups: ``spinal``,
+``foraminal`` (left and right pooled), ``subarticular`` (pooled); each a weighted log loss
+``sum(w * -log p_true) / sum(w)``. ``any_severe_spinal``: per study, label 1 if any spinal level is
+Severe, weight = the largest sample_weight of its spinal rows, prediction = the largest predicted
+``severe``; weighted binary log loss. The score is the plain mean of the losses of the groups the
+solution covers (``any_severe_spinal`` counts when ``spinal`` does).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from .data.layout import CONDITIONS, GROUP_OF_CONDITION, LEVELS, TARGET_COLUMNS, Layout, row_id
+
+EPS = np.finfo(np.float64).eps  # sklearn's log_loss clip
+SAMPLE_WEIGHTS = np.array([1.0, 2.0, 4.0])
+GROUPS = ("spinal", "foraminal", "subarticular", "any_severe_spinal")
+
+
+class MetricError(ValueError):
+    """Solution and submission do not fit together; the message names the rows or columns."""
+
+
+@dataclass(frozen=True)
+class ScoreResult:
+    score: float
+    groups: dict[str, float]  # the losses of the covered groups
+    covered: tuple[str, ...]
+
+    def __str__(self) -> str:
+        parts = ", ".join(f"{g} {v:.4f}" for g, v in self.groups.items())
+        return f"{self.score:.4f} ({parts})"
+
+
+def _condition_of_row(row_ids: pd.Series) -> pd.Series:
+    # "<study>_<condition>_<l?>_<l?>" -> condition
+    return row_ids.str.split("_", n=1).str[1].str.rsplit("_", n=2).str[0]
+
+
+def score_groups(solution: pd.DataFrame, submission: pd.DataFrame) -> ScoreResult:
+    """The host metric with its parts. Submission rows without a solution row are ignored (empty
+    labels); solution rows missing from the submission are an error."""
+    cols = list(TARGET_COLUMNS)
+    for name, df, need in (("solution", solution, cols + ["row_id", "sample_weight"]),
+                           ("submission", submission, cols + ["row_id"])):
+        missing = [c for c in need if c not in df.columns]
+        if missing:
+            raise MetricError(f"{name} lacks column(s) {missing}")
+    if solution["row_id"].duplicated().any():
+        raise MetricError(f"solution has duplicated row_id {solution['row_id'][solution['row_id'].duplicated()].iloc[0]}")
+    if submission["row_id"].duplicated().any():
+        raise MetricError(f"submission has duplicated row_id {submission['row_id'][submission['row_id'].duplicated()].iloc[0]}")
+    if len(solution) == 0:
+        raise MetricError("solution has no rows to score")
+    values = submission[cols].to_numpy(dtype=np.float64)
+    if not np.isfinite(values).all() or (values < 0).any():
+        bad = ~np.isfinite(values).all(axis=1) | (values < 0).any(axis=1)
+        raise MetricError(f"submission has negative or non-finite probabilities, e.g. row_id "
+                          f"{submission['row_id'][bad].iloc[0]}")
+    merged = solution.merge(submission, on="row_id", how="left", suffixes=("", "_pred"))
+    pred_cols = [c + "_pred" for c in cols]
+    absent = merged[pred_cols].isna().any(axis=1)
+    if absent.any():
+        raise MetricError(f"submission lacks {int(absent.sum())} scored row(s), e.g. {merged.loc[absent, 'row_id'].iloc[0]}")
+    pred = merged[pred_cols].to_numpy(dtype=np.float64)
+    sums = pred.sum(axis=1, keepdims=True)
+    if (sums <= 0).any():
+        raise MetricError("submission has a row whose probabilities sum to 0")
+    pred = np.clip(pred / sums, EPS, 1 - EPS)
+    truth = merged[cols].to_numpy(dtype=np.float64)
+    weight = merged["sample_weight"].to_numpy(dtype=np.float64)
+    condition = _condition_of_row(merged["row_id"])
+    group = condition.map(GROUP_OF_CONDITION)
+    if group.isna().any():
+        raise MetricError(f"row_id {merged.loc[group.isna(), 'row_id'].iloc[0]!r} names no known condition")
+    row_loss = -(truth * np.log(pred)).sum(axis=1)
+
+    losses: dict[str, float] = {}
+    for g in ("spinal", "foraminal", "subarticular"):
+        m = (group == g).to_numpy()
+        if m.any():
+            losses[g] = float((weight[m] * row_loss[m]).sum() / weight[m].sum())
+    if "spinal" in losses:
+        m = (group == "spinal").to_numpy()
+        study = merged.loc[m, "row_id"].str.split("_", n=1).str[0].to_numpy()
+        spinal = pd.DataFrame({"study": study, "label": truth[m, 2], "weight": weight[m], "p": pred[m, 2]})
+        per_study = spinal.groupby("study").agg(label=("label", "max"), weight=("weight", "max"), p=("p", "max"))
+        y, w, p = (per_study[c].to_numpy() for c in ("label", "weight", "p"))
+        p = np.clip(p, EPS, 1 - EPS)
+        losses["any_severe_spinal"] = float((w * -(y * np.log(p) + (1 - y) * np.log(1 - p))).sum() / w.sum())
+    covered = tuple(g for g in GROUPS if g in losses)
+    return ScoreResult(float(np.mean([losses[g] for g in covered])), {g: losses[g] for g in covered}, covered)
+
+
+def score(solution: pd.DataFrame, submission: pd.DataFrame) -> float:
+    """The RSNA 2024 score (lower is better)."""
+    return score_groups(solution, submission).score
+
+
+def build_solution(layout_or_labels, study_ids=None, conditions=CONDITIONS) -> pd.DataFrame:
+    """The solution frame from train.csv for some studies (all by default), empty labels left out."""
+    labels = layout_or_labels.labels if isinstance(layout_or_labels, Layout) else layout_or_labels
+    if study_ids is not None:
+        labels = labels[labels["study_id"].isin(set(int(s) for s in study_ids))]
+    labels = labels[labels["condition"].isin(conditions) & (labels["severity"] >= 0)]
+    sev = labels["severity"].to_numpy()
+    onehot = np.eye(3)[sev]
+    out = pd.DataFrame({
+        "row_id": [row_id(s, c, lv) for s, c, lv in labels[["study_id", "condition", "level"]].itertuples(index=False)],
+        "normal_mild": onehot[:, 0], "moderate": onehot[:, 1], "severe": onehot[:, 2],
+        "sample_weight": SAMPLE_WEIGHTS[sev],
+    })
+    return out.sort_values("row_id", ignore_index=True)
+
+
+def predictions_frame(study_ids, levels, probs: np.ndarray, conditions=CONDITIONS) -> pd.DataFrame:
+    """Kaggle-form rows from per-sample probabilities ``[N, len(conditions), 3]``."""
+    rows = []
+    for sid, lv, p in zip(study_ids, levels, probs):
+        level = LEVELS[lv] if isinstance(lv, (int, np.integer)) else lv
+        for c, cond in enumerate(conditions):
+            rows.append((row_id(int(sid), cond, level), *map(float, p[c])))
+    return pd.DataFrame(rows, columns=["row_id", *TARGET_COLUMNS])
