@@ -1,5 +1,9 @@
 """`optuna-run`: the one command line of spinesweep.
 
+    optuna-run SPACE [--n-trials N] [--workers K | --gpus 0,1] [--smoke] [--set key=value ...]
+    optuna-run runs SPACE [--top K] [--json]
+    optuna-run reproduce RUN_ID
+    optuna-run ui [--port 5000]
     optuna-run make-phantom DIR [--studies N --test-studies M --seed S]
     optuna-run data check [--data DIR] [--json]
     optuna-run train --config FILE.yaml [--data DIR] [key=value ...] [--json]
@@ -125,6 +129,105 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_study(args) -> int:
+    from .space import SMOKE, load_space
+    from .study import DEFAULT_STORAGE, launch, plan_workers
+    from .tracking import default_tracking_uri, git_commit, package_versions
+
+    space = load_space(args.space)  # validates everything before any trial starts
+    workers = plan_workers(args.gpus, args.workers)
+    overrides = dict(space.fixed)
+    caps = {**SMOKE, **space.smoke} if args.smoke else {}
+    caps.update(parse_overrides(args.set or []))  # what the user pins is never sampled
+    overrides.update(caps)
+    space.base_config(extra=overrides)  # validates the --set keys before any trial starts
+    data = ensure_data(args.data)
+    study_name = args.study_name or (f"{space.name}-smoke" if args.smoke else space.name)
+    n_trials = args.n_trials or space.n_trials
+    tracking_uri = args.tracking_uri or default_tracking_uri()
+    from trainer.data.cache import data_fingerprint
+    from trainer.data.layout import Layout
+
+    tags = {"git_commit": git_commit(), "data_fingerprint": data_fingerprint(Layout(data)),
+            "space_file": space.path.name, "space_file_hash": space.file_hash,
+            **{f"version.{k}": v for k, v in package_versions().items()}}
+    print(f"study {study_name}: space {space.name} ({space.path}), {n_trials} trials, "
+          f"{len(workers)} worker(s) [{', '.join(w.name for w in workers)}], data {data}", flush=True)
+    outcome = launch(space, n_trials, study_name=study_name, storage_url=args.storage or DEFAULT_STORAGE,
+                     tracking_uri=tracking_uri, data_dir=str(data), overrides=overrides, smoke=args.smoke,
+                     resume=args.resume, workers=workers, timeout=args.timeout or space.timeout, tags=tags,
+                     caps=caps)
+    _print_summary(space, outcome, study_name, args)
+    return 0
+
+
+def _print_summary(space, outcome, study_name, args) -> None:
+    from .tracking import redact
+
+    study = outcome.study
+    counts = ", ".join(f"{v} {k.lower()}" for k, v in outcome.counts.items() if v)
+    print(f"\nstudy {study_name}: {counts} ({outcome.seconds / 60:.1f} min)")
+    try:
+        best = study.best_trial
+    except ValueError:
+        print("no trial completed")
+        return
+    prior = best.user_attrs.get("prior_score")
+    ratio = f", {best.value / prior:.2f} x the prior's {prior:.4f}" if prior else ""
+    print(f"best trial {best.number}: score {best.value:.4f}{ratio}")
+    for k, v in best.params.items():
+        print(f"  {k} = {v}")
+    print(f"  MLflow run {best.user_attrs.get('mlflow_run_id')}")
+    uri = "" if args.tracking_uri is None else f" --tracking-uri {redact(args.tracking_uri)}"
+    print(f"\nnext:\n  optuna-run ui{uri}                        # browse every trial in the MLflow UI"
+          f"\n  optuna-run runs {study_name}{uri}                  # the trials as a table")
+
+
+def cmd_runs(args) -> int:
+    from .query import runs_table
+
+    rows = runs_table(args.space, tracking_uri=args.tracking_uri, top=args.top)
+    if args.json:
+        print(json.dumps(rows, indent=2, default=str))
+        return 0
+    if not rows:
+        print("no runs")
+        return 0
+    keys = [k for k in rows[0] if k.startswith("param:")]
+    header = ["trial", "state", "score"] + [k[6:] for k in keys] + ["run_id"]
+    table = [[str(r["trial"]), r["state"], f"{r['score']:.4f}" if r["score"] is not None else "-"]
+             + [str(r[k]) for k in keys] + [r["run_id"]] for r in rows]
+    widths = [max(len(h), *(len(row[i]) for row in table)) for i, h in enumerate(header)]
+    print("  ".join(h.ljust(w) for h, w in zip(header, widths)))
+    for row in table:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths)))
+    return 0
+
+
+def cmd_reproduce(args) -> int:
+    from .query import reproduce
+
+    out = reproduce(args.run_id, tracking_uri=args.tracking_uri, data_dir=args.data)
+    print(json.dumps(out, indent=2) if args.json else
+          f"run {args.run_id}: logged score {out['logged_score']:.6f}, reproduced {out['score']:.6f} "
+          f"(difference {abs(out['score'] - out['logged_score']):.2e})")
+    return 0
+
+
+def cmd_ui(args) -> int:
+    import subprocess
+
+    from .tracking import default_tracking_uri, redact
+
+    uri = args.tracking_uri or default_tracking_uri()
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
+        raise UserError(f"no tracking store at {uri}: run a study first (e.g. optuna-run demo)")
+    print(f"MLflow UI on http://{args.host}:{args.port} (store {redact(uri)}); Ctrl-C stops it", flush=True)
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host,
+           "--port", str(args.port)]
+    return subprocess.call(cmd)
+
+
 # ------------------------------------------------------------------ parser
 
 
@@ -156,24 +259,74 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--json", action="store_true", help="print a final JSON object (the table goes to stderr)")
     tr.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.lr=3e-4")
     tr.set_defaults(func=cmd_train)
+
+    rn = sub.add_parser("runs", help="a study's trials from MLflow as a table")
+    rn.add_argument("space", help="space (or study) name: its MLflow experiment")
+    rn.add_argument("--top", type=int, default=None, help="only the K best")
+    rn.add_argument("--tracking-uri")
+    rn.add_argument("--json", action="store_true")
+    rn.set_defaults(func=cmd_runs)
+
+    rp = sub.add_parser("reproduce", help="re-run a logged trial from its MLflow params alone")
+    rp.add_argument("run_id")
+    rp.add_argument("--tracking-uri")
+    rp.add_argument("--data", help="data folder, if it moved since the run")
+    rp.add_argument("--json", action="store_true")
+    rp.set_defaults(func=cmd_reproduce)
+
+    ui = sub.add_parser("ui", help="the MLflow UI on the project's tracking store")
+    ui.add_argument("--port", type=int, default=5000)
+    ui.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
+    ui.add_argument("--tracking-uri")
+    ui.set_defaults(func=cmd_ui)
+    return p
+
+
+def build_study_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="optuna-run SPACE", description="run an Optuna study of a named search space")
+    p.add_argument("space", help="a name in search_spaces/ or a path to a YAML file")
+    p.add_argument("--n-trials", type=int, help="the study's total number of trials (default: the space's)")
+    p.add_argument("--data", help="RSNA-format folder (default: the phantom, built on first use)")
+    p.add_argument("--study-name", help="default: the space's name (SPACE-smoke with --smoke)")
+    p.add_argument("--storage", help="Optuna storage URL (default: sqlite:///studies.db)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: SQLite under mlruns/)")
+    p.add_argument("--timeout", type=float, help="stop asking for trials after this many seconds")
+    p.add_argument("--gpus", help="one worker process per GPU id, e.g. 0,1,2,3")
+    p.add_argument("--workers", type=int, help="CPU worker processes (threads split between them)")
+    p.add_argument("--smoke", action="store_true", help="caps for a quick check: 1 epoch, tiny images and model")
+    p.add_argument("--set", action="append", metavar="key=value", help="override a config value (repeatable)")
+    p.add_argument("--resume", action="store_true", help="add to an existing study (load_if_exists)")
+    p.set_defaults(func=cmd_study)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
+    commands = set(parser._subparsers._group_actions[0].choices)
+    if argv and not argv[0].startswith("-") and argv[0] not in commands:
+        parser = build_study_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
     try:
         return args.func(args)
-    except (UserError, LayoutError, ConfigError) as e:
+    except (UserError, LayoutError, ConfigError, ValueError, RuntimeError) as e:
+        if not isinstance(e, (UserError, LayoutError, ConfigError)) and not _is_user_facing(e):
+            raise
         print(f"optuna-run: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("optuna-run: interrupted", file=sys.stderr)
         return 130
+
+
+def _is_user_facing(e: Exception) -> bool:
+    from .space import SpaceError
+    from .study import StudyError
+
+    return isinstance(e, (SpaceError, StudyError))
 
 
 if __name__ == "__main__":

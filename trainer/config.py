@@ -212,7 +212,12 @@ def _parse_str(s: str, hint, key: str):
             return yaml.safe_load(s)
         except yaml.YAMLError:
             return s
-    if origin in (tuple, list) or hint in (int, float, bool):
+    if hint in (int, float):
+        try:
+            return hint(s.strip())  # YAML 1.1 would read "1e30" as a string
+        except ValueError:
+            raise ConfigError(f"{key}: expected {'an integer' if hint is int else 'a number'}, got {s!r}") from None
+    if origin in (tuple, list) or hint is bool:
         try:
             return yaml.safe_load(s) if hint is not bool else _parse_bool(s, key)
         except yaml.YAMLError as e:

@@ -1,0 +1,162 @@
+"""One trial: sample a config, train the space's folds with `trainer.fit`, report to Optuna every
+epoch (or every fold for fold-wise pruners), log everything to the trial's MLflow child run.
+
+The trainer stays ignorant of both: this module hands it two plain callbacks.
+"""
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+import optuna
+import pandas as pd
+
+from trainer.config import TrainConfig
+from trainer.metric import score_groups
+
+from .space import SearchSpace
+from .tracking import Tracker
+
+
+@dataclass
+class TrialContext:
+    """What every trial of one invocation shares (picklable: workers receive it)."""
+
+    space_path: str
+    study_name: str
+    storage_url: str
+    tracking_uri: str
+    experiment_id: str
+    parent_run_id: str
+    base_overrides: dict  # fixed values + smoke caps + --set + data_dir, applied over the space
+    smoke: bool
+    caps: dict  # --smoke caps and --set values: applied after sampling, and never sampled
+    tags: dict  # invocation-wide tags: git commit, data fingerprint, versions, space hash
+
+
+class _Reporter:
+    """fit callback: report to Optuna at a global step and ask the pruner."""
+
+    __name__ = "optuna_pruner"
+
+    def __init__(self, trial: optuna.Trial, offset: int, per_epoch: bool):
+        self.trial, self.offset, self.per_epoch = trial, offset, per_epoch
+        self.pruned_at: int | None = None
+
+    def __call__(self, epoch: int, metrics: dict) -> bool:
+        if not self.per_epoch:
+            return False
+        step = self.offset + epoch
+        self.trial.report(metrics["score"], step)
+        if self.trial.should_prune():
+            self.pruned_at = step
+            return True
+        return False
+
+
+class _MlflowCurves:
+    """fit callback: per-epoch metrics into the child run, at the same global step."""
+
+    __name__ = "mlflow_curves"
+
+    def __init__(self, tracker: Tracker, run_id: str, offset: int, fold: int, n_folds: int):
+        self.tracker, self.run_id, self.offset, self.fold, self.n_folds = tracker, run_id, offset, fold, n_folds
+
+    def __call__(self, epoch: int, metrics: dict) -> None:
+        m = {k: v for k, v in metrics.items() if k != "epoch"}
+        if self.n_folds > 1:
+            m.update({f"fold{self.fold}_{k}": v for k, v in list(m.items())})
+        self.tracker.log_metrics(self.run_id, m, step=self.offset + epoch)
+
+
+def run_trial(trial: optuna.Trial, space: SearchSpace, ctx: TrialContext, tracker: Tracker,
+              worker: dict, fit_fn=None) -> tuple[optuna.trial.TrialState, float | None, str]:
+    """Run one trial; returns (state, value, message) for `study.tell`. Never raises for a trial's
+    own failure: it is recorded as FAILED in both Optuna and MLflow and the study goes on."""
+    if fit_fn is None:
+        from trainer.fit import fit as fit_fn
+
+    base = TrainConfig().with_overrides(ctx.base_overrides)
+    system_attrs = trial.study._storage.get_trial_system_attrs(trial._trial_id)
+    run_name = f"{space.name}-t{trial.number}"
+    run_id = tracker.start_run(ctx.experiment_id, run_name, parent_run_id=ctx.parent_run_id, tags={
+        **ctx.tags, "study": ctx.study_name, "trial": trial.number, "worker": worker.get("name", "0"),
+        "device": worker.get("device", "cpu"), "spinesweep.folds": ",".join(map(str, space.folds)),
+        **({"smoke": "true"} if ctx.smoke else {}),
+        **({"retry_of": system_attrs["failed_trial"]} if "failed_trial" in system_attrs else {}),
+    })
+    trial.set_user_attr("mlflow_run_id", run_id)
+    t0 = time.perf_counter()
+    try:
+        sampled = space.suggest(trial, base, pinned=set(ctx.caps))
+        cfg = base.with_overrides(sampled).with_overrides(ctx.caps)
+        tracker.log_params(run_id, cfg.to_flat())
+        tracker.set_tags(run_id, {f"optuna.{k}": v for k, v in trial.params.items()})
+        tracker.log_text(run_id, cfg.to_yaml(), "config.yaml")
+        oofs, solutions, results = [], [], []
+        for i, fold in enumerate(space.folds):
+            fold_cfg = cfg.with_overrides({"data.fold": fold,
+                                           "output_dir": tempfile.mkdtemp(prefix=f"spinesweep-t{trial.number}-")})
+            offset = i * cfg.optim.epochs
+            reporter = _Reporter(trial, offset, per_epoch=not space.fold_wise)
+            curves = _MlflowCurves(tracker, run_id, offset, fold, len(space.folds))
+            result = fit_fn(fold_cfg, callbacks=[curves, reporter])
+            results.append(result)
+            oofs.append(result.oof)
+            solutions.append(result.solution)
+            _log_fold_artifacts(tracker, run_id, result, fold, len(space.folds))
+            if reporter.pruned_at is not None:
+                return _pruned(trial, tracker, run_id, reporter.pruned_at)
+            if space.fold_wise:  # Wilcoxon: one value per fold, compared fold by fold
+                trial.report(result.score, fold)
+                if trial.should_prune():
+                    return _pruned(trial, tracker, run_id, fold)
+        oof, solution = pd.concat(oofs, ignore_index=True), pd.concat(solutions, ignore_index=True)
+        total = score_groups(solution, oof)
+        prior = sum(r.prior_score for r in results) / len(results)
+        final = {"score": total.score, "prior_score": prior, "score_to_prior": total.score / prior,
+                 **{f"final_{k}": v for k, v in total.groups.items()},
+                 "best_epoch": results[-1].best_epoch, "trial_seconds": time.perf_counter() - t0}
+        tracker.log_metrics(run_id, final, step=len(space.folds) * cfg.optim.epochs)
+        tracker.log_text(run_id, oof.to_csv(index=False), "oof.csv")
+        tracker.set_tags(run_id, {"pretrained_loaded": results[0].pretrained_loaded,
+                                  "environment.device_name": results[0].environment["device_name"]})
+        trial.set_user_attr("prior_score", prior)
+        tracker.end_run(run_id, "FINISHED")
+        if not math.isfinite(total.score):
+            raise FloatingPointError(f"final score is {total.score}")
+        return optuna.trial.TrialState.COMPLETE, total.score, f"score {total.score:.4f}"
+    except Exception as e:
+        reason = f"{type(e).__name__}: {e}"
+        trial.set_user_attr("error", reason[:2000])
+        try:
+            tracker.set_tags(run_id, {"error": reason[:5000]})
+            tracker.log_text(run_id, traceback.format_exc(), "error.txt")
+            tracker.end_run(run_id, "FAILED")
+        except Exception:
+            pass  # the tracking store itself failed: Optuna still records the reason
+        return optuna.trial.TrialState.FAIL, None, reason
+
+
+def _pruned(trial, tracker: Tracker, run_id: str, step: int):
+    tracker.set_tags(run_id, {"pruned_at_step": step})
+    trial.set_user_attr("pruned_at_step", step)
+    tracker.end_run(run_id, "KILLED")
+    return optuna.trial.TrialState.PRUNED, None, f"pruned at step {step}"
+
+
+def _log_fold_artifacts(tracker: Tracker, run_id: str, result, fold: int, n_folds: int) -> None:
+    suffix = f"_fold{fold}" if n_folds > 1 else ""
+    tracker.log_json(run_id, result.confusion, f"confusion{suffix}.json")
+    tracker.log_text(run_id, pd.DataFrame(result.history).to_csv(index=False), f"history{suffix}.csv")
+    tracker.log_json(run_id, result.augment_pipeline, "augment_pipeline.json")
+    if result.checkpoint and Path(result.checkpoint).exists():
+        ckpt = Path(result.checkpoint)
+        target = ckpt.with_name(f"checkpoint{suffix}.pt")
+        if target != ckpt:
+            ckpt.rename(target)
+        tracker.log_artifact(run_id, target)

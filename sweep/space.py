@@ -1,0 +1,350 @@
+"""Search spaces: one YAML file per named study, loaded and validated without training.
+
+    # header comment: the command that runs it
+    description: what the study asks
+    direction: minimize
+    fixed:                      # any TrainConfig key, dotted
+      data.conditions: [spinal_canal_stenosis]
+    params:                     # Optuna's distributions, suggested in this order
+      optim.lr: {type: float, low: 1.0e-4, high: 3.0e-3, log: true}
+      model.head: {type: categorical, choices: [linear, lstm, gru]}
+      model.rnn_hidden: {type: int, low: 32, high: 256, step: 32, when: {model.head: [lstm, gru]}}
+    sampler: {name: tpe, seed: 0}
+    pruner: {name: median, n_warmup_steps: 1}
+    folds: [0]
+    n_trials: 20
+    timeout: null               # seconds
+    smoke: {}                   # extra fixed values for --smoke, on top of the built-in caps
+
+A parameter with `when` is suggested only when every named key (an earlier parameter or a fixed
+value) has one of the listed values; otherwise it keeps the fixed/default value.
+
+Per-op augmentation probabilities use keys ``augment.ops.<Op>.p`` (a float in [0, 1]) for ops
+listed in the fixed ``augment.ops``.
+"""
+from __future__ import annotations
+
+import hashlib
+import inspect
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+import yaml
+
+from trainer.config import ConfigError, TrainConfig
+
+SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
+
+SAMPLERS = {
+    "tpe": optuna.samplers.TPESampler,
+    "random": optuna.samplers.RandomSampler,
+    "cmaes": optuna.samplers.CmaEsSampler,
+    "qmc": optuna.samplers.QMCSampler,
+    "gp": optuna.samplers.GPSampler,
+}
+PRUNERS = {
+    "median": optuna.pruners.MedianPruner,
+    "percentile": optuna.pruners.PercentilePruner,
+    "hyperband": optuna.pruners.HyperbandPruner,
+    "successive_halving": optuna.pruners.SuccessiveHalvingPruner,
+    "wilcoxon": optuna.pruners.WilcoxonPruner,
+    "none": optuna.pruners.NopPruner,
+}
+TOP_KEYS = {"description", "direction", "fixed", "params", "sampler", "pruner", "folds", "n_trials", "timeout", "smoke"}
+
+# --smoke: any space, capped to run in seconds on a CPU
+SMOKE = {
+    "optim.epochs": 1, "data.img_size": 32, "data.max_studies": 8, "model.backbone": "test_efficientnet",
+    "model.pretrained": False, "data.sag_t2_slices": 1, "data.sag_t1_slices": 1, "data.axial_slices": 1,
+    "optim.batch_size": 8, "model.rnn_hidden": 16,
+}
+
+
+class SpaceError(ValueError):
+    """A search space file is invalid; the message names the file and key."""
+
+
+@dataclass(frozen=True)
+class Param:
+    key: str
+    type: str  # float / int / categorical
+    low: float | int | None = None
+    high: float | int | None = None
+    log: bool = False
+    step: float | int | None = None
+    choices: tuple = ()
+    when: dict[str, tuple] = field(default_factory=dict)
+
+    def distribution(self) -> optuna.distributions.BaseDistribution:
+        if self.type == "float":
+            return optuna.distributions.FloatDistribution(self.low, self.high, log=self.log, step=self.step)
+        if self.type == "int":
+            return optuna.distributions.IntDistribution(self.low, self.high, log=self.log, step=self.step or 1)
+        return optuna.distributions.CategoricalDistribution(self.choices)
+
+    def active(self, values: dict[str, Any]) -> bool:
+        return all(values.get(k) in allowed for k, allowed in self.when.items())
+
+    def contains(self, value) -> bool:
+        """Whether a value lies inside this distribution (used to place legacy runs in a space)."""
+        if self.type == "categorical":
+            return value in self.choices
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            return False
+        if not self.low <= value <= self.high:
+            return False
+        if self.step:
+            k = (value - self.low) / self.step
+            return abs(k - round(k)) < 1e-9
+        return self.type == "float" or float(value).is_integer()
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    name: str
+    path: Path
+    description: str
+    direction: str
+    fixed: dict[str, Any]
+    params: tuple[Param, ...]
+    sampler: dict
+    pruner: dict
+    folds: tuple[int, ...]
+    n_trials: int
+    timeout: float | None
+    smoke: dict[str, Any]
+    file_hash: str
+
+    def base_config(self, data_dir: str | None = None, extra: dict | None = None, smoke: bool = False) -> TrainConfig:
+        overrides = dict(self.fixed)
+        if smoke:
+            overrides.update(SMOKE)
+            overrides.update(self.smoke)
+        overrides.update(extra or {})
+        if data_dir:
+            overrides["data.data_dir"] = data_dir
+        return TrainConfig().with_overrides(overrides)
+
+    def suggest(self, trial: optuna.Trial, base: TrainConfig, pinned=()) -> dict[str, Any]:
+        """The sampled overrides of one trial. Inactive conditional parameters are left out, and so
+        are `pinned` keys (set on the command line or capped by --smoke)."""
+        flat_base = base.to_flat()
+        values: dict[str, Any] = {k: yaml.safe_load(v) for k, v in flat_base.items()}
+        out: dict[str, Any] = {}
+        op_p: dict[str, float] = {}
+        for p in self.params:
+            if p.key in pinned or not p.active(values):
+                continue
+            if p.type == "float":
+                v = trial.suggest_float(p.key, p.low, p.high, log=p.log, step=p.step)
+            elif p.type == "int":
+                v = trial.suggest_int(p.key, p.low, p.high, log=p.log, step=p.step or 1)
+            else:
+                v = trial.suggest_categorical(p.key, list(p.choices))
+            values[p.key] = v
+            if _op_name(p.key):
+                op_p[_op_name(p.key)] = v
+            else:
+                out[p.key] = v
+        if op_p:
+            out["augment.ops"] = [dict(op, p=op_p.get(op["name"], op.get("p", 0.5))) for op in base.augment.ops]
+        return out
+
+    def make_sampler(self, seed_offset: int = 0) -> optuna.samplers.BaseSampler:
+        """The space's sampler; workers pass their index so that seeded samplers differ between
+        workers yet stay reproducible."""
+        args = dict(self.sampler)
+        if args.get("seed") is not None:
+            args["seed"] += seed_offset
+        return SAMPLERS[args.pop("name")](**args)
+
+    def make_pruner(self) -> optuna.pruners.BasePruner:
+        args = dict(self.pruner)
+        return PRUNERS[args.pop("name")](**args)
+
+    @property
+    def fold_wise(self) -> bool:
+        """Wilcoxon compares trials fold by fold: it gets one report per fold, not per epoch."""
+        return self.pruner["name"] == "wilcoxon"
+
+
+def available_spaces() -> list[str]:
+    return sorted(p.stem for p in SPACES_DIR.rglob("*.yaml"))
+
+
+def resolve_space_path(name_or_path: str) -> Path:
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") or p.exists():
+        if not p.is_file():
+            raise SpaceError(f"{p}: search space file not found")
+        return p
+    hits = sorted(SPACES_DIR.rglob(f"{name_or_path}.yaml"))
+    if not hits:
+        import difflib
+
+        names = available_spaces()
+        close = difflib.get_close_matches(name_or_path, names, n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise SpaceError(f"unknown search space {name_or_path!r}{hint} (available: {', '.join(names)})")
+    return hits[0]
+
+
+def load_space(name_or_path: str) -> SearchSpace:
+    """Load and validate a space: every key, distribution and name, building nothing."""
+    path = resolve_space_path(name_or_path)
+    text = path.read_text()
+    where = str(path)
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise SpaceError(f"{where}: invalid YAML ({e})") from None
+    if not isinstance(raw, dict):
+        raise SpaceError(f"{where}: top level must be a mapping")
+    unknown = set(raw) - TOP_KEYS
+    if unknown:
+        raise SpaceError(f"{where}: unknown key(s) {sorted(unknown)} (known: {sorted(TOP_KEYS)})")
+
+    def err(key: str, msg: str) -> SpaceError:
+        return SpaceError(f"{where}: {key}: {msg}")
+
+    direction = raw.get("direction", "minimize")
+    if direction not in ("minimize", "maximize"):
+        raise err("direction", f"must be minimize or maximize, got {direction!r}")
+    fixed = raw.get("fixed") or {}
+    if not isinstance(fixed, dict):
+        raise err("fixed", "must be a mapping of config keys to values")
+    try:
+        base = TrainConfig().with_overrides(fixed)
+    except ConfigError as e:
+        raise err("fixed", str(e)) from None
+    smoke = raw.get("smoke") or {}
+    try:
+        TrainConfig().with_overrides({**fixed, **SMOKE, **smoke})
+    except ConfigError as e:
+        raise err("smoke", str(e)) from None
+
+    params = []
+    seen = set(fixed)
+    raw_params = raw.get("params") or {}
+    if not isinstance(raw_params, dict):
+        raise err("params", "must be a mapping of config keys to distributions")
+    for key, spec in raw_params.items():
+        params.append(_param(key, spec, base, seen, err))
+        seen.add(key)
+
+    sampler = _named(raw.get("sampler") or {"name": "tpe"}, SAMPLERS, "sampler", err)
+    pruner = _named(raw.get("pruner") or {"name": "median"}, PRUNERS, "pruner", err)
+    folds = tuple(raw.get("folds", (0,)))
+    if not folds or not all(isinstance(f, int) and 0 <= f < base.data.n_folds for f in folds):
+        raise err("folds", f"must be a non-empty list of folds in [0, {base.data.n_folds}), got {list(folds)}")
+    n_trials = raw.get("n_trials", 20)
+    if not isinstance(n_trials, int) or n_trials < 1:
+        raise err("n_trials", f"must be a positive integer, got {n_trials!r}")
+    timeout = raw.get("timeout")
+    if timeout is not None and (not isinstance(timeout, (int, float)) or timeout <= 0):
+        raise err("timeout", f"must be a positive number of seconds or null, got {timeout!r}")
+    return SearchSpace(
+        name=path.stem, path=path.resolve(), description=str(raw.get("description", "")).strip(),
+        direction=direction, fixed=fixed, params=tuple(params), sampler=sampler, pruner=pruner,
+        folds=folds, n_trials=n_trials, timeout=timeout, smoke=smoke,
+        file_hash=hashlib.sha1(text.encode()).hexdigest()[:12],
+    )
+
+
+def _op_name(key: str) -> str | None:
+    parts = key.split(".")
+    return parts[2] if len(parts) == 4 and parts[:2] == ["augment", "ops"] and parts[3] == "p" else None
+
+
+def _param(key: str, spec, base: TrainConfig, seen: set, err) -> Param:
+    from trainer.augment import PRESETS
+    from trainer.models import check_backbone, check_head
+
+    where = f"params.{key}"
+    if not isinstance(spec, dict):
+        raise err(where, "must be a mapping with a 'type'")
+    allowed = {"type", "low", "high", "log", "step", "choices", "when"}
+    extra = set(spec) - allowed
+    if extra:
+        raise err(where, f"unknown field(s) {sorted(extra)} (known: {sorted(allowed)})")
+    kind = spec.get("type")
+    when = {k: tuple(v if isinstance(v, list) else [v]) for k, v in (spec.get("when") or {}).items()}
+    for k in when:
+        if k not in seen:
+            raise err(f"{where}.when", f"{k!r} is neither a fixed value nor an earlier parameter")
+
+    def check_value(v):
+        if _op_name(key):
+            names = [op.get("name") for op in base.augment.ops]
+            if _op_name(key) not in names:
+                raise err(where, f"op {_op_name(key)!r} is not in the fixed augment.ops ({names})")
+            if not 0 <= v <= 1:
+                raise err(where, f"an op probability must lie in [0, 1], got {v}")
+            return
+        try:
+            base.with_overrides({key: v})
+        except ConfigError as e:
+            raise err(where, str(e)) from None
+
+    if kind in ("float", "int"):
+        low, high, log, step = spec.get("low"), spec.get("high"), bool(spec.get("log", False)), spec.get("step")
+        for name, v in (("low", low), ("high", high)):
+            if not isinstance(v, (int, float)) or isinstance(v, bool):
+                raise err(where, f"{name} must be a number, got {v!r}")
+            if kind == "int" and not float(v).is_integer():
+                raise err(where, f"{name} must be an integer for an int parameter, got {v!r}")
+        if low > high:
+            raise err(where, f"low {low} > high {high}")
+        if log and low <= 0:
+            raise err(where, f"log scale needs low > 0, got {low}")
+        if step is not None and (step <= 0 or log):
+            raise err(where, "step must be > 0 and cannot be combined with log")
+        if kind == "int":
+            low, high = int(low), int(high)
+            step = int(step) if step is not None else None
+        else:
+            low, high = float(low), float(high)
+        check_value(low)
+        check_value(high)
+        return Param(key, kind, low, high, log, step, (), when)
+    if kind == "categorical":
+        choices = spec.get("choices")
+        if not isinstance(choices, list) or not choices:
+            raise err(where, "choices must be a non-empty list")
+        for c in choices:
+            if not isinstance(c, (str, int, float, bool)) and c is not None:
+                raise err(where, f"choice {c!r}: Optuna choices must be str, int, float, bool or null")
+            check_value(c)
+            try:
+                if key == "model.backbone":
+                    check_backbone(c)
+                elif key == "model.head":
+                    check_head(c)
+                elif key == "augment.preset" and c not in PRESETS:
+                    raise ValueError(f"unknown augment preset {c!r} (known: {', '.join(PRESETS)})")
+            except ValueError as e:
+                raise err(where, str(e)) from None
+        return Param(key, kind, choices=tuple(choices), when=when)
+    raise err(where, f"type must be float, int or categorical, got {kind!r}")
+
+
+def _named(spec, table: dict, what: str, err) -> dict:
+    if isinstance(spec, str):
+        spec = {"name": spec}
+    if not isinstance(spec, dict) or "name" not in spec:
+        raise err(what, "must be a name or a mapping with 'name'")
+    name = spec["name"]
+    if name not in table:
+        raise err(f"{what}.name", f"unknown {what} {name!r} (known: {', '.join(table)})")
+    args = {k: v for k, v in spec.items() if k != "name"}
+    params = inspect.signature(table[name].__init__).parameters
+    bad = [k for k in args if k not in params]
+    if bad:
+        raise err(what, f"{name} takes no argument(s) {bad} (takes: {', '.join(p for p in params if p != 'self')})")
+    try:
+        table[name](**args)
+    except Exception as e:
+        raise err(what, f"{name}({args}): {e}") from None
+    return dict(spec)

@@ -1,0 +1,323 @@
+"""Studies: the launcher and its workers.
+
+The launcher creates the Optuna study, the MLflow experiment and this invocation's parent run
+once, then starts workers that only attach: one process per GPU (pinned with
+CUDA_VISIBLE_DEVICES), or K CPU processes with the cores split between them, or the launcher's
+own process when there is one worker.
+
+`n_trials` is the study's total, exactly, however many workers or hosts share it: a worker takes a
+lock, counts the trials, and asks for a new one only while the count is below N. A trial whose
+worker died is failed by the RDB heartbeat and retried (its retry takes its place in the count),
+and its MLflow run is closed as FAILED.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import signal
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import optuna
+from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback, fail_stale_trials
+from optuna.trial import TrialState
+
+from .objective import TrialContext, run_trial
+from .space import SearchSpace, load_space
+from .tracking import Tracker, redact
+
+DEFAULT_STORAGE = "sqlite:///studies.db"
+# this loop runs the heartbeat thread itself, as Study.optimize does; Optuna warns regardless
+warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+HEARTBEAT_INTERVAL = int(os.environ.get("SPINESWEEP_HEARTBEAT", "20"))  # seconds
+
+
+class StudyError(RuntimeError):
+    """The study cannot start (storage, GPUs, existing study...); the message says why."""
+
+
+# ---------------------------------------------------------------- storage
+
+
+def make_storage(url: str, tracking_uri: str | None = None, heartbeat: int | None = None) -> RDBStorage:
+    """An RDB storage with a busy timeout for SQLite and a heartbeat whose stale trials are retried
+    and have their MLflow runs closed."""
+    engine_kwargs = {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else {"pool_pre_ping": True}
+    interval = heartbeat or HEARTBEAT_INTERVAL
+    retry = RetryHeartbeatStaleTrialCallback(max_retry=3)
+
+    def on_stale(study, trial):
+        retry(study, trial)
+        run_id = trial.user_attrs.get("mlflow_run_id")
+        if run_id and tracking_uri:
+            with contextlib.suppress(Exception):
+                t = Tracker(tracking_uri)
+                t.set_tags(run_id, {"error": "worker died (Optuna heartbeat went stale); the trial was retried"})
+                t.end_run(run_id, "FAILED")
+
+    try:
+        return RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=interval,
+                          grace_period=interval * 3, heartbeat_stale_trial_callback=on_stale)
+    except Exception as e:
+        raise StudyError(f"storage {redact(url)} cannot be opened: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+
+
+class TrialQuota:
+    """Counts a study's trials (a stale trial that was retried is replaced by its retry) and
+    serialises "count, then ask" across processes."""
+
+    def __init__(self, storage_url: str, study_name: str):
+        self.url, self.study_name = storage_url, study_name
+        if storage_url.startswith("sqlite:///"):
+            db = Path(storage_url[len("sqlite:///"):])
+            self.lock_path = db.with_name(f".{db.name}.{study_name}.lock")
+        else:
+            self.lock_path = Path(f".spinesweep.{study_name}.lock")
+
+    @contextlib.contextmanager
+    def lock(self, storage: RDBStorage | None = None):
+        if self.url.startswith("postgresql") and storage is not None:
+            import zlib
+
+            from sqlalchemy import text
+
+            key = zlib.crc32(f"spinesweep:{self.study_name}".encode())
+            with storage.engine.connect() as conn:  # a lock every host sharing the database sees
+                conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": key})
+                try:
+                    yield
+                finally:
+                    conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+                    conn.commit()
+            return
+        with open(self.lock_path, "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    @staticmethod
+    def counted(trials) -> list:
+        retried = {t.system_attrs.get("failed_trial") for t in trials}
+        return [t for t in trials if t.number not in retried]
+
+    def used(self, study: optuna.Study) -> tuple[int, int]:
+        """(trials that count towards N, of which waiting to be run)."""
+        trials = self.counted(study.get_trials(deepcopy=False))
+        return len(trials), sum(t.state == TrialState.WAITING for t in trials)
+
+
+# ---------------------------------------------------------------- workers
+
+
+@dataclass
+class WorkerSpec:
+    index: int
+    name: str
+    device: str  # "cpu" or "cuda"
+    gpu: str | None  # the id for CUDA_VISIBLE_DEVICES
+    threads: int
+
+
+def _fmt_elapsed(s: float) -> str:
+    m, s = divmod(int(s), 60)
+    return f"{m}m{s:02d}s"
+
+
+def worker_loop(ctx: TrialContext, n_trials: int, deadline: float | None, spec: WorkerSpec, started: float,
+                heartbeat: int | None = None, fit_fn=None) -> int:
+    """Ask, run, tell until the study holds n_trials counted trials. Returns trials run here."""
+    if spec.gpu is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = spec.gpu
+    import torch
+
+    torch.set_num_threads(max(1, spec.threads))
+    space = load_space(ctx.space_path)
+    storage = make_storage(ctx.storage_url, ctx.tracking_uri, heartbeat)
+    sampler = space.make_sampler(seed_offset=spec.index)  # one seed per worker, reproducible
+    study = optuna.load_study(study_name=ctx.study_name, storage=storage, sampler=sampler,
+                              pruner=space.make_pruner())
+    quota = TrialQuota(ctx.storage_url, ctx.study_name)
+    tracker = Tracker(ctx.tracking_uri)
+    from optuna.storages._heartbeat import get_heartbeat_thread  # what study.optimize uses
+
+    worker = {"name": spec.name, "device": f"cuda:{spec.gpu}" if spec.gpu is not None else spec.device}
+    ran = 0
+    while deadline is None or time.time() < deadline:
+        fail_stale_trials(study)
+        with quota.lock(storage):
+            used, waiting = quota.used(study)
+            full = used >= n_trials and not waiting
+            if not full:
+                trial = study.ask()
+        if full:
+            # a trial still running elsewhere may belong to a dead worker: wait until its heartbeat
+            # goes stale (it is then failed and retried) or it finishes
+            if any(t.state == TrialState.RUNNING for t in study.get_trials(deepcopy=False)):
+                time.sleep(min(5.0, storage.get_heartbeat_interval() or 5))
+                continue
+            break
+        try:
+            with get_heartbeat_thread(trial._trial_id, storage):
+                state, value, message = run_trial(trial, space, ctx, tracker, worker, fit_fn=fit_fn)
+        except KeyboardInterrupt:
+            study.tell(trial, state=TrialState.FAIL)
+            run_id = trial.user_attrs.get("mlflow_run_id")
+            if run_id:
+                with contextlib.suppress(Exception):
+                    tracker.set_tags(run_id, {"error": "interrupted (Ctrl-C)"})
+                    tracker.end_run(run_id, "KILLED")
+            raise
+        if state == TrialState.COMPLETE:
+            study.tell(trial, value)
+        else:
+            study.tell(trial, state=state)
+        ran += 1
+        _progress(study, trial.number, state, value, message, spec.name, started)
+    return ran
+
+
+def _progress(study, number, state, value, message, worker, started) -> None:
+    try:
+        best = study.best_trial
+        best_s = f"best {best.value:.4f} (t{best.number})"
+    except ValueError:
+        best_s = "best -"
+    score = f"score {value:.4f}" if value is not None else message[:80]
+    print(f"trial {number:>3} {state.name:<8} {score:<28} {best_s:<22} {_fmt_elapsed(time.time() - started)}"
+          f"  [{worker}]", flush=True)
+
+
+def _worker_entry(*args) -> None:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        worker_loop(*args)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+# ---------------------------------------------------------------- launcher
+
+
+def gpu_ids_available() -> list[str]:
+    import shutil
+    import subprocess
+
+    if not shutil.which("nvidia-smi"):
+        return []
+    r = subprocess.run(["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"], capture_output=True, text=True)
+    return [line.strip() for line in r.stdout.splitlines() if line.strip()] if r.returncode == 0 else []
+
+
+def plan_workers(gpus: str | None, workers: int | None) -> list[WorkerSpec]:
+    if gpus:
+        wanted = [g.strip() for g in gpus.split(",") if g.strip()]
+        have = gpu_ids_available()
+        missing = [g for g in wanted if g not in have]
+        if missing:
+            raise StudyError(f"--gpus {gpus}: no GPU with id {', '.join(missing)} on this machine "
+                             f"(found: {', '.join(have) or 'none'})")
+        return [WorkerSpec(i, f"gpu{g}", "cuda", g, 4) for i, g in enumerate(wanted)]
+    k = workers or 1
+    if k < 1:
+        raise StudyError(f"--workers must be >= 1, got {k}")
+    threads = max(1, (os.cpu_count() or 1) // k)
+    return [WorkerSpec(i, f"cpu{i}", "cpu", None, threads) for i in range(k)]
+
+
+@dataclass
+class StudyOutcome:
+    study: optuna.Study
+    parent_run_id: str
+    experiment_id: str
+    tracking_uri: str
+    counts: dict
+    seconds: float
+
+
+def launch(space: SearchSpace, n_trials: int, *, study_name: str, storage_url: str, tracking_uri: str,
+           data_dir: str, overrides: dict, smoke: bool, resume: bool, workers: list[WorkerSpec],
+           timeout: float | None, tags: dict, heartbeat: int | None = None, fit_fn=None,
+           caps: dict | None = None) -> StudyOutcome:
+    started = time.time()
+    storage = make_storage(storage_url, tracking_uri, heartbeat)
+    try:
+        study = optuna.create_study(study_name=study_name, storage=storage, direction=space.direction,
+                                    sampler=space.make_sampler(), pruner=space.make_pruner(),
+                                    load_if_exists=resume)
+    except optuna.exceptions.DuplicatedStudyError:
+        raise StudyError(f"study {study_name!r} already exists in {redact(storage_url)}: pass --resume to add to it "
+                         f"(N is the study's total), or choose another --study-name") from None
+    study.set_user_attr("space", space.name)
+    study.set_user_attr("space_file_hash", space.file_hash)
+    tracker = Tracker(tracking_uri)
+    experiment_id = tracker.ensure_experiment(study_name)
+    parent = tracker.start_run(experiment_id, f"{study_name}-{time.strftime('%Y%m%d-%H%M%S')}", tags={
+        **tags, "study": study_name, "space": space.name, "n_trials": n_trials, "storage": redact(storage_url),
+        "workers": ",".join(w.name for w in workers), "command": redact(" ".join(sys.argv)),
+        **({"smoke": "true"} if smoke else {}),
+    })
+    ctx = TrialContext(space_path=str(space.path), study_name=study_name, storage_url=storage_url,
+                       tracking_uri=tracking_uri, experiment_id=experiment_id, parent_run_id=parent,
+                       base_overrides={**overrides, "data.data_dir": data_dir}, smoke=smoke, tags=tags,
+                       caps=caps or {})
+    deadline = started + timeout if timeout else None
+    status = "FINISHED"
+    try:
+        if len(workers) == 1 and workers[0].gpu is None:
+            worker_loop(ctx, n_trials, deadline, workers[0], started, heartbeat, fit_fn)
+        else:
+            _run_processes(ctx, n_trials, deadline, workers, started, heartbeat, fit_fn)
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        _close_orphan_runs(tracker, experiment_id, parent, study)
+        tracker.end_run(parent, status)
+    trials = study.get_trials(deepcopy=False)
+    counts = {s.name: sum(t.state == s for t in trials) for s in TrialState}
+    return StudyOutcome(study, parent, experiment_id, tracking_uri, counts, time.time() - started)
+
+
+def _run_processes(ctx, n_trials, deadline, workers, started, heartbeat, fit_fn) -> None:
+    import multiprocessing as mp
+
+    # fork: workers start at once (no re-import); CUDA is never initialised in the launcher
+    procs = [mp.get_context("fork").Process(target=_worker_entry, name=w.name,
+                                            args=(ctx, n_trials, deadline, w, started, heartbeat, fit_fn))
+             for w in workers]
+    for p in procs:
+        p.start()
+    try:
+        for p in procs:
+            p.join()
+    except KeyboardInterrupt:
+        for p in procs:  # they got the same SIGINT from the terminal; give them a moment
+            p.join(timeout=30)
+            if p.is_alive():
+                p.terminate()
+        raise
+    crashed = [p.name for p in procs if p.exitcode not in (0, None)]
+    if crashed:
+        print(f"warning: worker(s) {', '.join(crashed)} exited abnormally; the others finished the study",
+              file=sys.stderr, flush=True)
+
+
+def _close_orphan_runs(tracker: Tracker, experiment_id: str, parent: str, study: optuna.Study) -> None:
+    """No child run of this invocation stays RUNNING once its trial is over (a worker killed
+    between the end of its trial and its MLflow call, say)."""
+    running = {t.user_attrs.get("mlflow_run_id") for t in study.get_trials(deepcopy=False)
+               if t.state in (TrialState.RUNNING, TrialState.WAITING)}
+    with contextlib.suppress(Exception):
+        runs = tracker.client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent}' "
+                                          "and attributes.status = 'RUNNING'", max_results=1000)
+        for r in runs:
+            if r.info.run_id not in running:
+                tracker.set_tags(r.info.run_id, {"error": "closed by the launcher: its trial had ended"})
+                tracker.end_run(r.info.run_id, "FAILED")

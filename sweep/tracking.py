@@ -1,0 +1,155 @@
+"""A thin MLflow layer: explicit run ids through `MlflowClient` (no global active run, so any
+process can attach to a parent run), retries on transient store errors, and redaction of
+credentials before anything is logged.
+
+Stores: by default a SQLite tracking DB ``mlruns/mlflow.db`` with artifacts under
+``mlruns/artifacts`` (MLflow 3 refuses the old file store). The launcher creates the store, the
+experiment and the parent run once; workers only attach.
+"""
+from __future__ import annotations
+
+import json
+import re
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+DEFAULT_MLRUNS = Path("mlruns")
+_SECRET = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:/@\s]+):(?P<pw>[^@/\s]+)@", re.I)
+
+
+def redact(text: str) -> str:
+    """``postgresql://user:secret@host/db`` -> ``postgresql://user:***@host/db``."""
+    return _SECRET.sub(lambda m: f"{m['scheme']}{m['user']}:***@", str(text))
+
+
+def default_tracking_uri(root: Path = DEFAULT_MLRUNS) -> str:
+    return f"sqlite:///{(Path(root) / 'mlflow.db').resolve()}"
+
+
+def default_artifact_location(root: Path = DEFAULT_MLRUNS) -> str:
+    return (Path(root) / "artifacts").resolve().as_uri()
+
+
+def _client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def _retry(fn: Callable, *args, attempts: int = 6, base_delay: float = 0.5, **kwargs):
+    """Call an MLflow client method, retrying transient failures (SQLite locked, server away)."""
+    for i in range(attempts):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:
+            msg = str(e).lower()
+            transient = any(s in msg for s in ("locked", "connection", "timed out", "temporarily", "503",
+                                               "502", "max retries", "refused", "reset by peer"))
+            if not transient or i == attempts - 1:
+                raise
+            time.sleep(base_delay * 2**i)
+
+
+class Tracker:
+    """One MLflow tracking store."""
+
+    def __init__(self, tracking_uri: str | None = None):
+        tracking_uri = tracking_uri or default_tracking_uri()
+        if tracking_uri.startswith("sqlite:///"):
+            Path(tracking_uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+        self.uri = tracking_uri
+        self.client = _client(tracking_uri)
+
+    # ---- set-up, done once by the launcher ----
+    def ensure_experiment(self, name: str) -> str:
+        exp = _retry(self.client.get_experiment_by_name, name)
+        if exp is not None:
+            if exp.lifecycle_stage == "deleted":
+                _retry(self.client.restore_experiment, exp.experiment_id)
+            return exp.experiment_id
+        location = default_artifact_location() if self.uri.startswith("sqlite:") else None
+        try:
+            return _retry(self.client.create_experiment, name, artifact_location=location)
+        except Exception:
+            exp = self.client.get_experiment_by_name(name)  # another launcher won the race
+            if exp is None:
+                raise
+            return exp.experiment_id
+
+    def start_run(self, experiment_id: str, name: str, tags: dict[str, Any] | None = None,
+                  parent_run_id: str | None = None) -> str:
+        tags = {k: redact(str(v)) for k, v in (tags or {}).items()}
+        if parent_run_id:
+            tags["mlflow.parentRunId"] = parent_run_id
+        run = _retry(self.client.create_run, experiment_id, run_name=name, tags=tags)
+        return run.info.run_id
+
+    # ---- logging ----
+    def log_params(self, run_id: str, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, redact(str(v))[:6000]) for k, v in params.items()]
+        for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
+            _retry(self.client.log_batch, run_id, params=items[i:i + 100])
+
+    def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
+        from mlflow.entities import RunTag
+
+        items = [RunTag(k, redact(str(v))[:5000]) for k, v in tags.items()]
+        for i in range(0, len(items), 100):
+            _retry(self.client.log_batch, run_id, tags=items[i:i + 100])
+
+    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None]
+        _retry(self.client.log_batch, run_id, metrics=items)
+
+    def log_artifact(self, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
+        _retry(self.client.log_artifact, run_id, str(path), artifact_path)
+
+    def log_text(self, run_id: str, text: str, name: str) -> None:
+        safe = Path(name).name  # never escape the run's artifact root
+        with tempfile.TemporaryDirectory() as d:
+            p = Path(d) / safe
+            p.write_text(text)
+            self.log_artifact(run_id, p)
+
+    def log_json(self, run_id: str, obj: Any, name: str) -> None:
+        self.log_text(run_id, json.dumps(obj, indent=2, default=str), name)
+
+    def end_run(self, run_id: str, status: str = "FINISHED") -> None:
+        _retry(self.client.set_terminated, run_id, status)
+
+    def get_run(self, run_id: str):
+        return _retry(self.client.get_run, run_id)
+
+
+def package_versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {}
+    for name in ("torch", "timm", "optuna", "mlflow", "albumentations", "spinesweep"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def git_commit(repo: Path | None = None) -> str:
+    import subprocess
+
+    repo = repo or Path(__file__).resolve().parent.parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=5)
+        if sha.returncode != 0:
+            return "unknown"
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return sha.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"

@@ -1,0 +1,177 @@
+"""Studies end to end on the small phantom: smoke runs of every space, exact trial counts across
+workers, failures recorded, pruning, MLflow fields, runs table and reproduce."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+
+from sweep.cli import main
+from sweep.space import SPACES_DIR
+from sweep.tracking import default_tracking_uri
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def study(name, storage="sqlite:///studies.db"):
+    return optuna.load_study(study_name=name, storage=storage)
+
+
+def child_runs(experiment):
+    client = MlflowClient(default_tracking_uri())
+    exp = client.get_experiment_by_name(experiment)
+    return client.search_runs([exp.experiment_id], "tags.trial != ''", max_results=1000)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("space", sorted(p.stem for p in SPACES_DIR.rglob("*.yaml")))
+def test_every_space_runs_a_smoke_study(space, phantom_dir, workdir, capsys):
+    assert main([space, "--smoke", "--n-trials", "2", "--data", str(phantom_dir)]) == 0
+    s = study(f"{space}-smoke")
+    assert len(s.trials) == 2
+    runs = child_runs(f"{space}-smoke")
+    assert len(runs) == 2 and all(r.data.tags.get("smoke") == "true" for r in runs)
+    assert all(r.data.params["optim.epochs"] == "1" and r.data.params["data.img_size"] == "32" for r in runs)
+    out = capsys.readouterr().out
+    assert "trial   0" in out and "optuna-run ui" in out
+
+
+def test_a_study_logs_every_trial_to_mlflow(phantom_dir, workdir, capsys):
+    assert main(["demo", "--smoke", "--n-trials", "3", "--data", str(phantom_dir), "--set", "optim.epochs=2"]) == 0
+    s = study("demo-smoke")
+    assert [t.state for t in s.trials].count(optuna.trial.TrialState.COMPLETE) + \
+        [t.state for t in s.trials].count(optuna.trial.TrialState.PRUNED) == 3
+    runs = {r.info.run_id: r for r in child_runs("demo-smoke")}
+    assert len(runs) == 3
+    parents = {r.data.tags["mlflow.parentRunId"] for r in runs.values()}
+    assert len(parents) == 1
+    client = MlflowClient(default_tracking_uri())
+    parent = client.get_run(parents.pop())
+    assert parent.info.status == "FINISHED" and parent.data.tags["study"] == "demo-smoke"
+    for t in s.trials:
+        r = runs[t.user_attrs["mlflow_run_id"]]
+        assert r.info.run_name == f"demo-t{t.number}"
+        assert r.data.tags["trial"] == str(t.number) and r.data.tags["study"] == "demo-smoke"
+        for tag in ("worker", "device", "git_commit", "data_fingerprint", "space_file_hash", "version.torch",
+                    "version.optuna", "version.mlflow"):
+            assert r.data.tags.get(tag), tag
+        for k, v in t.params.items():
+            assert r.data.tags[f"optuna.{k}"] == str(v)
+        assert r.data.params["optim.lr"] == str(t.params["optim.lr"])  # the flat config as params
+        history = client.get_metric_history(r.info.run_id, "val_loss")
+        assert [m.step for m in history] == list(range(1, len(history) + 1))
+        for m in ("train_loss", "score", "loss_spinal", "lr", "seconds"):
+            assert client.get_metric_history(r.info.run_id, m), m
+        artifacts = {a.path for a in client.list_artifacts(r.info.run_id)}
+        if t.state == optuna.trial.TrialState.COMPLETE:
+            assert r.info.status == "FINISHED" and r.data.metrics["score"] == pytest.approx(t.value)
+            assert {"config.yaml", "oof.csv", "confusion.json", "checkpoint.pt", "history.csv"} <= artifacts
+        else:
+            assert r.info.status == "KILLED" and "pruned_at_step" in r.data.tags
+
+
+def test_two_workers_make_exactly_n_distinct_trials(phantom_dir, workdir):
+    assert main(["demo", "--smoke", "--n-trials", "5", "--workers", "2", "--data", str(phantom_dir)]) == 0
+    s = study("demo-smoke")
+    assert len(s.trials) == 5 and len({t.number for t in s.trials}) == 5
+    assert {t.state for t in s.trials} <= {optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED}
+    workers = {r.data.tags["worker"] for r in child_runs("demo-smoke")}
+    assert workers == {"cpu0", "cpu1"}
+    # resuming with the same N adds nothing: N is the study's total
+    assert main(["demo", "--smoke", "--n-trials", "5", "--resume", "--data", str(phantom_dir)]) == 0
+    assert len(study("demo-smoke").trials) == 5
+
+
+def test_a_failing_trial_is_recorded_and_the_study_goes_on(phantom_dir, workdir):
+    # a learning rate this large drives the real loss to inf/NaN
+    assert main(["demo", "--smoke", "--n-trials", "2", "--data", str(phantom_dir),
+                 "--set", "optim.lr=1e30", "--set", "optim.grad_clip=0"]) == 0
+    s = study("demo-smoke")
+    failed = [t for t in s.trials if t.state == optuna.trial.TrialState.FAIL]
+    assert len(s.trials) == 2 and failed
+    assert "FloatingPointError" in failed[0].user_attrs["error"]
+    runs = {r.info.run_id: r for r in child_runs("demo-smoke")}
+    r = runs[failed[0].user_attrs["mlflow_run_id"]]
+    assert r.info.status == "FAILED" and "FloatingPointError" in r.data.tags["error"]
+
+
+def test_runs_table_and_reproduce(phantom_dir, workdir, capsys):
+    assert main(["demo", "--smoke", "--n-trials", "2", "--data", str(phantom_dir), "--set", "optim.epochs=2",
+                 "--set", "augment.preset=light"]) == 0
+    capsys.readouterr()
+    assert main(["runs", "demo-smoke", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert len(rows) == 2 and "param:optim.lr" in rows[0]
+    scored = [r for r in rows if r["score"] is not None]
+    assert scored == sorted(scored, key=lambda r: r["score"])
+    assert main(["runs", "demo-smoke", "--top", "1"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split()[:3] == ["trial", "state", "score"] and len(table) == 2
+    best = scored[0]["run_id"]
+    assert main(["reproduce", best, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert abs(out["score"] - out["logged_score"]) < 1e-6
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["scs_head"], "unknown search space 'scs_head'; did you mean scs_heads"),
+    (["demo", "--gpus", "7"], "--gpus 7: no GPU with id 7"),
+    (["demo", "--storage", "postgresql://u:secret@127.0.0.1:1/none"], "storage postgresql://u:***@127.0.0.1:1/none cannot be opened"),
+    (["demo", "--set", "optim.lrr=1"], "optim.lrr: unknown config key"),
+])
+def test_bad_input_fails_before_any_trial(argv, message, workdir, capsys, phantom_dir):
+    assert main(argv + ["--data", str(phantom_dir)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "secret" not in err
+    assert not (workdir / "mlruns").exists()
+
+
+@pytest.mark.slow
+def test_sigkill_of_a_worker_mid_trial(phantom_dir, workdir):
+    """The killed worker's trial is failed by the heartbeat and retried; the study still ends with
+    N finished trials, and no MLflow run stays RUNNING."""
+    import psutil
+
+    env = dict(os.environ, SPINESWEEP_HEARTBEAT="2", PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, "-m", "sweep.cli", "demo", "--smoke", "--n-trials", "4", "--workers", "2",
+                             "--data", str(phantom_dir), "--set", "optim.epochs=3"],
+                            cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    victim = None
+    deadline = time.time() + 240
+    while victim is None and time.time() < deadline:
+        time.sleep(1)
+        kids = psutil.Process(proc.pid).children()
+        if len(kids) == 2 and (workdir / "studies.db").exists():
+            try:
+                running = [t for t in study("demo-smoke").trials if t.state == optuna.trial.TrialState.RUNNING]
+            except Exception:
+                continue
+            if running and "mlflow_run_id" in running[0].user_attrs:
+                victim = kids[0]
+    assert victim is not None, "no trial started in time"
+    victim.send_signal(signal.SIGKILL)
+    out, _ = proc.communicate(timeout=400)
+    assert proc.returncode == 0, out
+    s = study("demo-smoke")
+    finished = [t for t in s.trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)]
+    failed = [t for t in s.trials if t.state == optuna.trial.TrialState.FAIL]
+    assert len(finished) == 4 and len(failed) == 1, [(t.number, t.state) for t in s.trials]
+    retries = [t for t in s.trials if t.system_attrs.get("failed_trial") == failed[0].number]
+    assert len(retries) == 1
+    runs = child_runs("demo-smoke")
+    assert not [r for r in runs if r.info.status == "RUNNING"]
+    dead = [r for r in runs if r.info.run_id == failed[0].user_attrs["mlflow_run_id"]][0]
+    assert dead.info.status == "FAILED" and "heartbeat" in dead.data.tags["error"]
+    assert "exited abnormally" in out
