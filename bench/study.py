@@ -94,7 +94,9 @@ def pruning(work: Path, data: Path, n: int) -> dict:
         space = cwd / "demo.yaml"
         text = (ROOT / "search_spaces" / "demo.yaml").read_text()
         if pruner == "none":
-            text = text.replace("pruner: {name: median, n_startup_trials: 3, n_warmup_steps: 2}", "pruner: {name: none}")
+            import re
+
+            text = re.sub(r"(?m)^pruner: .*$", "pruner: {name: none}", text)
         space.write_text(text)
         seconds = run_cli([str(space), "--n-trials", str(n), "--data", str(data), "--study-name", "demo"], cwd)
         s = optuna.load_study(study_name="demo", storage=f"sqlite:///{cwd / 'studies.db'}")

@@ -5,7 +5,9 @@ The trainer stays ignorant of both: this module hands it two plain callbacks.
 """
 from __future__ import annotations
 
+import json
 import math
+import shutil
 import tempfile
 import time
 import traceback
@@ -39,20 +41,27 @@ class TrialContext:
 
 
 class _Reporter:
-    """fit callback: report to Optuna at a global step and ask the pruner."""
+    """fit callback: report to Optuna at a global step and ask the pruner.
+
+    The value reported is the fold's best score so far: what the trial would be worth if it
+    stopped now (the best epoch is kept), and far less noisy than one epoch's score, so the pruner
+    can decide early. Nothing is pruned at the trial's last step, where stopping saves nothing."""
 
     __name__ = "optuna_pruner"
 
-    def __init__(self, trial: optuna.Trial, offset: int, per_epoch: bool):
-        self.trial, self.offset, self.per_epoch = trial, offset, per_epoch
+    def __init__(self, trial: optuna.Trial, offset: int, per_epoch: bool, last_step: int, direction: str):
+        self.trial, self.offset, self.per_epoch, self.last_step = trial, offset, per_epoch, last_step
+        self.better = min if direction == "minimize" else max
+        self.best: float | None = None
         self.pruned_at: int | None = None
 
     def __call__(self, epoch: int, metrics: dict) -> bool:
         if not self.per_epoch:
             return False
         step = self.offset + epoch
-        self.trial.report(metrics["score"], step)
-        if self.trial.should_prune():
+        self.best = metrics["score"] if self.best is None else self.better(self.best, metrics["score"])
+        self.trial.report(self.best, step)
+        if step < self.last_step and self.trial.should_prune():
             self.pruned_at = step
             return True
         return False
@@ -76,7 +85,11 @@ class _MlflowCurves:
 def run_trial(trial: optuna.Trial, space: SearchSpace, ctx: TrialContext, tracker: Tracker,
               worker: dict, fit_fn=None) -> tuple[optuna.trial.TrialState, float | None, str]:
     """Run one trial; returns (state, value, message) for `study.tell`. Never raises for a trial's
-    own failure: it is recorded as FAILED in both Optuna and MLflow and the study goes on."""
+    own failure: it is recorded as FAILED in both Optuna and MLflow and the study goes on.
+
+    MLflow calls are few on purpose (each is a store transaction): the run with its tags, one batch
+    of params and sampled values, one batch of metrics per epoch, the artifacts folder once at the
+    end (pruned and failed runs included), one final batch."""
     if fit_fn is None:
         from trainer.fit import fit as fit_fn
 
@@ -91,72 +104,75 @@ def run_trial(trial: optuna.Trial, space: SearchSpace, ctx: TrialContext, tracke
     })
     trial.set_user_attr("mlflow_run_id", run_id)
     t0 = time.perf_counter()
+    artifacts = Path(tempfile.mkdtemp(prefix=f"spinesweep-t{trial.number}-artifacts-"))
     try:
         sampled = space.suggest(trial, base, pinned=set(ctx.caps))
         cfg = base.with_overrides(sampled).with_overrides(ctx.caps)
-        tracker.log_params(run_id, cfg.to_flat())
-        tracker.set_tags(run_id, {f"optuna.{k}": v for k, v in trial.params.items()})
-        tracker.log_text(run_id, cfg.to_yaml(), "config.yaml")
+        tracker.log_batch(run_id, params=cfg.to_flat(), tags={f"optuna.{k}": v for k, v in trial.params.items()})
+        (artifacts / "config.yaml").write_text(cfg.to_yaml())
         oofs, solutions, results = [], [], []
         for i, fold in enumerate(space.folds):
             fold_cfg = cfg.with_overrides({"data.fold": fold,
                                            "output_dir": tempfile.mkdtemp(prefix=f"spinesweep-t{trial.number}-")})
             offset = i * cfg.optim.epochs
-            reporter = _Reporter(trial, offset, per_epoch=not space.fold_wise)
+            reporter = _Reporter(trial, offset, per_epoch=not space.fold_wise,
+                                 last_step=len(space.folds) * cfg.optim.epochs, direction=space.direction)
             curves = _MlflowCurves(tracker, run_id, offset, fold, len(space.folds))
             result = fit_fn(fold_cfg, callbacks=[curves, reporter])
             results.append(result)
             oofs.append(result.oof)
             solutions.append(result.solution)
-            _log_fold_artifacts(tracker, run_id, result, fold, len(space.folds))
+            _fold_artifacts(artifacts, result, fold, len(space.folds))
+            shutil.rmtree(fold_cfg.output_dir, ignore_errors=True)
             if reporter.pruned_at is not None:
-                return _pruned(trial, tracker, run_id, reporter.pruned_at)
+                return _pruned(trial, tracker, run_id, reporter.pruned_at, artifacts)
             if space.fold_wise:  # Wilcoxon: one value per fold, compared fold by fold
                 trial.report(result.score, fold)
                 if trial.should_prune():
-                    return _pruned(trial, tracker, run_id, fold)
+                    return _pruned(trial, tracker, run_id, fold, artifacts)
         oof, solution = pd.concat(oofs, ignore_index=True), pd.concat(solutions, ignore_index=True)
         total = score_groups(solution, oof)
+        if not math.isfinite(total.score):
+            raise FloatingPointError(f"final score is {total.score}")
         prior = sum(r.prior_score for r in results) / len(results)
         final = {"score": total.score, "prior_score": prior, "score_to_prior": total.score / prior,
                  **{f"final_{k}": v for k, v in total.groups.items()},
                  "best_epoch": results[-1].best_epoch, "trial_seconds": time.perf_counter() - t0}
-        tracker.log_metrics(run_id, final, step=len(space.folds) * cfg.optim.epochs)
-        tracker.log_text(run_id, oof.to_csv(index=False), "oof.csv")
-        tracker.set_tags(run_id, {"pretrained_loaded": results[0].pretrained_loaded,
-                                  "environment.device_name": results[0].environment["device_name"]})
+        oof.to_csv(artifacts / "oof.csv", index=False)
+        tracker.log_artifacts(run_id, artifacts)
+        tracker.log_batch(run_id, metrics=final, step=len(space.folds) * cfg.optim.epochs, tags={
+            "pretrained_loaded": results[0].pretrained_loaded,
+            "environment.device_name": results[0].environment["device_name"]})
         trial.set_user_attr("prior_score", prior)
         tracker.end_run(run_id, "FINISHED")
-        if not math.isfinite(total.score):
-            raise FloatingPointError(f"final score is {total.score}")
         return optuna.trial.TrialState.COMPLETE, total.score, f"score {total.score:.4f}"
     except Exception as e:
         reason = f"{type(e).__name__}: {e}"
         trial.set_user_attr("error", reason[:2000])
         try:
+            (artifacts / "error.txt").write_text(traceback.format_exc())
+            tracker.log_artifacts(run_id, artifacts)
             tracker.set_tags(run_id, {"error": reason[:5000]})
-            tracker.log_text(run_id, traceback.format_exc(), "error.txt")
             tracker.end_run(run_id, "FAILED")
         except Exception:
             pass  # the tracking store itself failed: Optuna still records the reason
         return optuna.trial.TrialState.FAIL, None, reason
+    finally:
+        shutil.rmtree(artifacts, ignore_errors=True)
 
 
-def _pruned(trial, tracker: Tracker, run_id: str, step: int):
-    tracker.set_tags(run_id, {"pruned_at_step": step})
+def _pruned(trial, tracker: Tracker, run_id: str, step: int, artifacts: Path):
     trial.set_user_attr("pruned_at_step", step)
+    tracker.log_artifacts(run_id, artifacts)  # what the pruned trial did is kept
+    tracker.set_tags(run_id, {"pruned_at_step": step})
     tracker.end_run(run_id, "KILLED")
     return optuna.trial.TrialState.PRUNED, None, f"pruned at step {step}"
 
 
-def _log_fold_artifacts(tracker: Tracker, run_id: str, result, fold: int, n_folds: int) -> None:
+def _fold_artifacts(folder: Path, result, fold: int, n_folds: int) -> None:
     suffix = f"_fold{fold}" if n_folds > 1 else ""
-    tracker.log_json(run_id, result.confusion, f"confusion{suffix}.json")
-    tracker.log_text(run_id, pd.DataFrame(result.history).to_csv(index=False), f"history{suffix}.csv")
-    tracker.log_json(run_id, result.augment_pipeline, "augment_pipeline.json")
+    (folder / f"confusion{suffix}.json").write_text(json.dumps(result.confusion, indent=2))
+    pd.DataFrame(result.history).to_csv(folder / f"history{suffix}.csv", index=False)
+    (folder / "augment_pipeline.json").write_text(json.dumps(result.augment_pipeline, indent=2, default=str))
     if result.checkpoint and Path(result.checkpoint).exists():
-        ckpt = Path(result.checkpoint)
-        target = ckpt.with_name(f"checkpoint{suffix}.pt")
-        if target != ckpt:
-            ckpt.rename(target)
-        tracker.log_artifact(run_id, target)
+        shutil.move(result.checkpoint, folder / f"checkpoint{suffix}.pt")

@@ -8,9 +8,7 @@ experiment and the parent run once; workers only attach.
 """
 from __future__ import annotations
 
-import json
 import re
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -101,25 +99,30 @@ class Tracker:
         for i in range(0, len(items), 100):
             _retry(self.client.log_batch, run_id, tags=items[i:i + 100])
 
+    def log_batch(self, run_id: str, params: dict | None = None, tags: dict | None = None,
+                  metrics: dict[str, float] | None = None, step: int = 0) -> None:
+        """Params, tags and metrics in as few store transactions as MLflow allows."""
+        from mlflow.entities import Metric, Param, RunTag
+
+        now = int(time.time() * 1000)
+        p = [Param(k, redact(str(v))[:6000]) for k, v in (params or {}).items()]
+        t = [RunTag(k, redact(str(v))[:5000]) for k, v in (tags or {}).items()]
+        m = [Metric(k, float(v), now, step) for k, v in (metrics or {}).items() if v is not None]
+        first = True
+        while first or p or t or m:  # MLflow takes at most 100 params, 100 tags, 1000 metrics a batch
+            _retry(self.client.log_batch, run_id, params=p[:100], tags=t[:100], metrics=m[:1000])
+            p, t, m, first = p[100:], t[100:], m[1000:], False
+
+    def log_artifacts(self, run_id: str, folder: str | Path) -> None:
+        if any(Path(folder).iterdir()):
+            _retry(self.client.log_artifacts, run_id, str(folder))
+
     def log_metrics(self, run_id: str, metrics: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
         items = [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None]
         _retry(self.client.log_batch, run_id, metrics=items)
-
-    def log_artifact(self, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
-        _retry(self.client.log_artifact, run_id, str(path), artifact_path)
-
-    def log_text(self, run_id: str, text: str, name: str) -> None:
-        safe = Path(name).name  # never escape the run's artifact root
-        with tempfile.TemporaryDirectory() as d:
-            p = Path(d) / safe
-            p.write_text(text)
-            self.log_artifact(run_id, p)
-
-    def log_json(self, run_id: str, obj: Any, name: str) -> None:
-        self.log_text(run_id, json.dumps(obj, indent=2, default=str), name)
 
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         _retry(self.client.set_terminated, run_id, status)

@@ -146,7 +146,7 @@ def test_sigkill_of_a_worker_mid_trial(phantom_dir, workdir):
 
     env = dict(os.environ, SPINESWEEP_HEARTBEAT="2", PYTHONUNBUFFERED="1")
     proc = subprocess.Popen([sys.executable, "-m", "sweep.cli", "demo", "--smoke", "--n-trials", "4", "--workers", "2",
-                             "--data", str(phantom_dir), "--set", "optim.epochs=3"],
+                             "--data", str(phantom_dir), "--set", "optim.epochs=8", "--set", "data.max_studies=40"],
                             cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     victim = None
     deadline = time.time() + 240

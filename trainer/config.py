@@ -17,17 +17,12 @@ from typing import Any, Literal
 
 import yaml
 
-from .data.layout import CONDITIONS
+from .data.layout import CONDITIONS, PLANE_OF_CONDITION
 
 PLANES = ("sag_t2", "sag_t1", "axial")
+_PLANE_OF_SERIES = {"Sagittal T2/STIR": "sag_t2", "Sagittal T1": "sag_t1", "Axial T2": "axial"}
 # which plane shows each condition (crop blocks are built only for the planes needed)
-PLANE_FOR_CONDITION = {
-    "spinal_canal_stenosis": "sag_t2",
-    "left_neural_foraminal_narrowing": "sag_t1",
-    "right_neural_foraminal_narrowing": "sag_t1",
-    "left_subarticular_stenosis": "axial",
-    "right_subarticular_stenosis": "axial",
-}
+PLANE_FOR_CONDITION = {c: _PLANE_OF_SERIES[s] for c, s in PLANE_OF_CONDITION.items()}
 
 
 class ConfigError(ValueError):
