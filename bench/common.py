@@ -32,17 +32,27 @@ def machine() -> dict:
 
 def write(name: str, rows: list[dict], extra: dict | None = None) -> Path:
     """Write ``results/<name>.json`` and ``results/<name>.md`` (the table the README quotes).
-    Each row: what, baseline, value, ratio, goal, met."""
+    Each row: what, baseline, value, ratio, goal, met. Rows of an earlier run that this run did not
+    measure (a partial run, `--only`) are kept, each with the time it was measured."""
     RESULTS.mkdir(exist_ok=True)
-    payload = dict(benchmark=name, machine=machine(), rows=rows, **(extra or {}))
+    now = machine()
+    rows = [dict(r, when=now["when"]) for r in rows]
+    path = RESULTS / f"{name}.json"
+    if path.exists():
+        old = json.loads(path.read_text())
+        fresh = {r["what"] for r in rows}
+        kept = [dict(r, when=r.get("when", old["machine"]["when"])) for r in old.get("rows", []) if r["what"] not in fresh]
+        rows = rows + kept
+        extra = {**{k: v for k, v in old.items() if k not in ("benchmark", "machine", "rows")}, **(extra or {})}
+    payload = dict(benchmark=name, machine=now, rows=rows, **(extra or {}))
     (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=2))
     m = payload["machine"]
     lines = [f"Machine: {m['cores']} cores, {m['memory']}, {m['cuda'] or 'CPU only'}; "
              f"python {m['python']}, torch {m['torch']}; {m['when']}.", "",
-             "| measure | baseline | spinesweep | ratio | goal | met |", "|---|---|---|---|---|---|"]
+             "| measure | baseline | spinesweep | ratio | goal | met | measured |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['what']} | {r['baseline']} | {r['value']} | {r['ratio']:.2f}x | {r['goal']} | "
-                     f"{'yes' if r['met'] else 'NO'} |")
+                     f"{'yes' if r['met'] else 'NO'} | {r['when']} |")
     (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return RESULTS / f"{name}.json"
