@@ -354,10 +354,11 @@ def _save_checkpoint(path: Path, model, cfg: TrainConfig, spec: CropSpec, epoch:
 
 def load_checkpoint(path: str | Path, device: str = "cpu"):
     """(model, TrainConfig, checkpoint dict) from a checkpoint written by `fit`."""
+    import dataclasses
+
     ckpt = torch.load(path, map_location=device, weights_only=False)
     cfg = TrainConfig.from_dict(ckpt["config"])
-    model_cfg = cfg.model if cfg.model.pretrained is False else \
-        TrainConfig.from_dict(ckpt["config"]).with_overrides({"model.pretrained": "false"}).model
-    model = build_model(model_cfg, ckpt["n_slices"], len(ckpt["conditions"]))
+    # the weights come from the state dict: never download pretrained ones to overwrite
+    model = build_model(dataclasses.replace(cfg.model, pretrained=False), ckpt["n_slices"], len(ckpt["conditions"]))
     model.load_state_dict(ckpt["state_dict"])
     return model.to(device).eval(), cfg, ckpt
