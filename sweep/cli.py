@@ -109,6 +109,15 @@ def cmd_train(args) -> int:
     if args.output_dir:
         overrides["output_dir"] = args.output_dir
     cfg = cfg.with_overrides(overrides)  # validates before any data is touched
+    from trainer.augment import build_augment
+    from trainer.models import check_backbone, check_head
+
+    try:  # names checked before anything is built or downloaded
+        check_backbone(cfg.model.backbone)
+        check_head(cfg.model.head)
+        build_augment(cfg.augment)
+    except ValueError as e:
+        raise UserError(str(e)) from None
     if args.data:
         cfg = cfg.with_overrides({"data.data_dir": str(ensure_data(args.data))})
     elif cfg.data.data_dir == TrainConfig().data.data_dir:
@@ -323,10 +332,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _is_user_facing(e: Exception) -> bool:
+    from trainer.models import PretrainedUnavailable
+
     from .space import SpaceError
     from .study import StudyError
 
-    return isinstance(e, (SpaceError, StudyError))
+    return isinstance(e, (SpaceError, StudyError, PretrainedUnavailable))
 
 
 if __name__ == "__main__":

@@ -92,6 +92,14 @@ def test_train_command_json(phantom_dir, tmp_path):
     assert bad.returncode == 2 and "optim.lrr: unknown config key; did you mean lr" in bad.stderr
 
 
+def test_train_command_names_a_bad_backbone_without_a_traceback(capsys):
+    from sweep.cli import main
+
+    assert main(["train", "model.backbone=resnet1800", "--data", "/nonexistent"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown timm backbone 'resnet1800'" in err and "Traceback" not in err
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("config", ["configs/phantom_scs.yaml", "configs/phantom_all.yaml"])
 def test_a_small_model_learns_the_phantom(config, tmp_path_factory):
