@@ -62,9 +62,23 @@ def _files_key(folder: Path) -> str:
     return h.hexdigest()
 
 
+_FINGERPRINTS: dict[tuple, str] = {}
+
+
 def data_fingerprint(layout: Layout) -> str:
     """Content fingerprint of a data folder: the CSVs' bytes and every image file's path and size
-    (not times, so two copies of the same data agree)."""
+    (not times, so two copies of the same data agree). Walking every file is costly on the real
+    data, and every trial asks, so it is remembered per process until a CSV or an image folder's
+    listing changes."""
+    watched = [layout.root / n for n in ("train.csv", "train_label_coordinates.csv", "train_series_descriptions.csv",
+                                         "test_series_descriptions.csv", "train_images", "test_images")]
+    key = (str(layout.root.resolve()), *(p.stat().st_mtime_ns if p.exists() else None for p in watched))
+    if key not in _FINGERPRINTS:
+        _FINGERPRINTS[key] = _compute_fingerprint(layout)
+    return _FINGERPRINTS[key]
+
+
+def _compute_fingerprint(layout: Layout) -> str:
     h = hashlib.sha1()
     for name in ("train.csv", "train_label_coordinates.csv", "train_series_descriptions.csv",
                  "test_series_descriptions.csv"):

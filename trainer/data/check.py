@@ -56,8 +56,9 @@ def check_data(data_dir: str | Path, spec: CropSpec, cache_dir: str = "", progre
 
 
 def _label_is_empty(labels, flag) -> bool:
-    conds = {"spinal": ["spinal_canal_stenosis"], "subarticular": ["left_subarticular_stenosis",
-             "right_subarticular_stenosis"]}.get(flag["detail"], [flag["detail"]])
+    # the axial block has no single condition: its flag says "subarticular" (both sides)
+    conds = {"subarticular": ["left_subarticular_stenosis", "right_subarticular_stenosis"]}.get(
+        flag["detail"], [flag["detail"]])
     try:
         return all(labels.loc[(flag["study_id"], c, flag["level"])] < 0 for c in conds)
     except KeyError:
