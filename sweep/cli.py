@@ -3,6 +3,8 @@
     optuna-run SPACE [--n-trials N] [--workers K | --gpus 0,1] [--smoke] [--set key=value ...]
     optuna-run runs SPACE [--top K] [--json]
     optuna-run reproduce RUN_ID
+    optuna-run import-log [FILE] [--experiment legacy] [--enqueue SPACE]
+    optuna-run runs legacy [--top K] [--where FILTER] [--lineage expNNN]
     optuna-run ui [--port 5000]
     optuna-run make-phantom DIR [--studies N --test-studies M --seed S]
     optuna-run data check [--data DIR] [--json]
@@ -174,7 +176,8 @@ def _print_summary(space, outcome, study_name, args) -> None:
     from .tracking import redact
 
     study = outcome.study
-    counts = ", ".join(f"{v} {k.lower()}" for k, v in outcome.counts.items() if v)
+    counts = ", ".join(f"{v} {k.lower()}" + (" (imported from the manual log)" if k == "LEGACY" else "")
+                       for k, v in outcome.counts.items() if v)
     print(f"\nstudy {study_name}: {counts} ({outcome.seconds / 60:.1f} min)")
     try:
         best = study.best_trial
@@ -183,7 +186,8 @@ def _print_summary(space, outcome, study_name, args) -> None:
         return
     prior = best.user_attrs.get("prior_score")
     ratio = f", {best.value / prior:.2f} x the prior's {prior:.4f}" if prior else ""
-    print(f"best trial {best.number}: score {best.value:.4f}{ratio}")
+    legacy = f" (manual log entry {best.user_attrs['legacy_entry']})" if best.user_attrs.get("legacy_entry") else ""
+    print(f"best trial {best.number}{legacy}: score {best.value:.4f}{ratio}")
     for k, v in best.params.items():
         print(f"  {k} = {v}")
     print(f"  MLflow run {best.user_attrs.get('mlflow_run_id')}")
@@ -192,24 +196,79 @@ def _print_summary(space, outcome, study_name, args) -> None:
           f"\n  optuna-run runs {study_name}{uri}                  # the trials as a table")
 
 
-def cmd_runs(args) -> int:
-    from .query import runs_table
+def _print_table(rows: list[dict]) -> None:
+    def cell(v) -> str:
+        if v is None:
+            return "-"
+        return f"{v:.4f}" if isinstance(v, float) else str(v)
 
-    rows = runs_table(args.space, tracking_uri=args.tracking_uri, top=args.top)
+    header = [k[6:] if k.startswith("param:") else k for k in rows[0]]
+    table = [[cell(v) for v in r.values()] for r in rows]
+    widths = [max(len(h), *(len(row[i]) for row in table)) for i, h in enumerate(header)]
+    print("  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip())
+    for row in table:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+
+
+def cmd_runs(args) -> int:
+    from .query import lineage, runs_table
+
+    if args.lineage:
+        rows = lineage(args.lineage, experiment=args.space, tracking_uri=args.tracking_uri)
+    else:
+        rows = runs_table(args.space, tracking_uri=args.tracking_uri, top=args.top, where=args.where)
     if args.json:
         print(json.dumps(rows, indent=2, default=str))
-        return 0
-    if not rows:
+    elif not rows:
         print("no runs")
+    else:
+        _print_table(rows)
+    return 0
+
+
+DEFAULT_LOG = Path(__file__).resolve().parent.parent / "legacy" / "manual_log.md"
+
+
+def cmd_import_log(args) -> int:
+    from .legacy.importer import enqueue, import_log
+    from .legacy.parse import LogFormatError
+
+    path = Path(args.file) if args.file else DEFAULT_LOG
+    if not path.is_file():
+        raise UserError(f"{path}: no such log file")
+    try:
+        summary, resolved = import_log(path, tracking_uri=args.tracking_uri, experiment=args.experiment)
+    except LogFormatError as e:
+        raise UserError(str(e)) from None
+    out = {"import": summary.as_dict()}
+    if args.enqueue:
+        out["enqueue"] = enqueue(resolved, args.enqueue, storage_url=args.storage, study_name=args.study_name,
+                                 run_ids=summary.run_ids).as_dict()
+    if args.json:
+        print(json.dumps(out, indent=2))
         return 0
-    keys = [k for k in rows[0] if k.startswith("param:")]
-    header = ["trial", "state", "score"] + [k[6:] for k in keys] + ["run_id"]
-    table = [[str(r["trial"]), r["state"], f"{r['score']:.4f}" if r["score"] is not None else "-"]
-             + [str(r[k]) for k in keys] + [r["run_id"]] for r in rows]
-    widths = [max(len(h), *(len(row[i]) for row in table)) for i, h in enumerate(header)]
-    print("  ".join(h.ljust(w) for h, w in zip(header, widths)))
-    for row in table:
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths)))
+    s = summary
+    print(f"{s.file}: {s.entries} entries -> MLflow experiment {s.experiment!r}: {s.created} runs created, "
+          f"{s.updated} updated, {s.unchanged} unchanged; {s.with_result} entries with a result")
+    if s.renamed:
+        print(f"  repeated entry numbers kept apart as: {', '.join(s.renamed)}")
+    print(f"  {s.unmapped_lines} setting lines kept verbatim (tag legacy.unmapped), {s.unmapped_distinct} distinct; "
+          f"most frequent:")
+    for text, n in s.unmapped_top:
+        print(f"    {n:4d}  {text}")
+    if args.enqueue:
+        q = out["enqueue"]
+        print(f"warm start of study {q['study']!r} (space {q['space']}, value {q['value']}): "
+              f"{len(q['added'])} trials added, {len(q['already'])} already there, {len(q['outside'])} entries outside")
+        by_reason: dict[str, list[str]] = {}
+        for name, why in q["outside"].items():
+            by_reason.setdefault(why, []).append(name)
+        for why, names in sorted(by_reason.items(), key=lambda kv: -len(kv[1])):
+            shown = names if args.verbose or len(names) <= 6 else names[:5] + [f"... {len(names) - 5} more"]
+            print(f"    {len(names):4d}  {why}: {', '.join(shown)}")
+        if q["added"]:
+            print(f"next: optuna-run {q['space']} --n-trials N   # the sampler starts from these trials")
+    print(f"query: optuna-run runs {s.experiment} --top 5    |    optuna-run runs {s.experiment} --lineage exp127")
     return 0
 
 
@@ -272,6 +331,9 @@ def build_parser() -> argparse.ArgumentParser:
     rn = sub.add_parser("runs", help="a study's trials from MLflow as a table")
     rn.add_argument("space", help="space (or study) name: its MLflow experiment")
     rn.add_argument("--top", type=int, default=None, help="only the K best")
+    rn.add_argument("--where", metavar="FILTER",
+                    help="an MLflow search filter, e.g. \"params.`model.backbone` = 'tf_efficientnet_b3.ns_jft_in1k'\"")
+    rn.add_argument("--lineage", metavar="ENTRY", help="(imported log) an entry and its chain of bases")
     rn.add_argument("--tracking-uri")
     rn.add_argument("--json", action="store_true")
     rn.set_defaults(func=cmd_runs)
@@ -282,6 +344,17 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--data", help="data folder, if it moved since the run")
     rp.add_argument("--json", action="store_true")
     rp.set_defaults(func=cmd_reproduce)
+
+    il = sub.add_parser("import-log", help="the manual experiment log as MLflow runs (and a study warm start)")
+    il.add_argument("file", nargs="?", help="the log (default: legacy/manual_log.md)")
+    il.add_argument("--experiment", default="legacy", help="MLflow experiment (default: legacy)")
+    il.add_argument("--tracking-uri")
+    il.add_argument("--enqueue", metavar="SPACE", help="add the entries inside SPACE to its study as completed trials")
+    il.add_argument("--study-name", help="the study to warm-start (default: the space's name)")
+    il.add_argument("--storage", help="Optuna storage URL (default: sqlite:///studies.db)")
+    il.add_argument("--verbose", action="store_true", help="list every entry outside the space")
+    il.add_argument("--json", action="store_true")
+    il.set_defaults(func=cmd_import_log)
 
     ui = sub.add_parser("ui", help="the MLflow UI on the project's tracking store")
     ui.add_argument("--port", type=int, default=5000)

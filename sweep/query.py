@@ -13,16 +13,38 @@ from .tracking import Tracker
 STATE = {"FINISHED": "COMPLETE", "KILLED": "PRUNED", "FAILED": "FAILED", "RUNNING": "RUNNING"}
 
 
-def runs_table(experiment: str, tracking_uri: str | None = None, top: int | None = None) -> list[dict]:
-    """One row per trial run of an experiment (a study), best score first, unscored last."""
-    tracker = Tracker(tracking_uri)
-    exp = tracker.client.get_experiment_by_name(experiment)
+def _experiment(tracker: Tracker, name: str):
+    exp = tracker.client.get_experiment_by_name(name)
     if exp is None:
         from .cli import UserError
 
         names = [e.name for e in tracker.client.search_experiments()]
-        raise UserError(f"no MLflow experiment {experiment!r} (have: {', '.join(names) or 'none'})")
-    runs = tracker.client.search_runs([exp.experiment_id], "tags.trial != ''", max_results=5000)
+        raise UserError(f"no MLflow experiment {name!r} (have: {', '.join(names) or 'none'})")
+    return exp
+
+
+def _search(tracker: Tracker, exp, base: str, where: str | None):
+    from mlflow.exceptions import MlflowException
+
+    query = f"{base} and {where}" if where else base
+    try:
+        return tracker.client.search_runs([exp.experiment_id], query, max_results=50000)
+    except MlflowException as e:
+        from .cli import UserError
+
+        raise UserError(f"--where {where!r}: {e.message.splitlines()[0]}") from None
+
+
+def runs_table(experiment: str, tracking_uri: str | None = None, top: int | None = None,
+               where: str | None = None) -> list[dict]:
+    """One row per trial run of an experiment (a study), best score first, unscored last.
+    `where` is an MLflow search filter, e.g. ``params.`model.head` = 'gru'``. The experiment of
+    an imported manual log gets a table of its entries instead (`legacy_table`)."""
+    tracker = Tracker(tracking_uri)
+    exp = _experiment(tracker, experiment)
+    if exp.tags.get("spinesweep.kind") == "legacy":
+        return legacy_table(experiment, tracking_uri, top, where)
+    runs = _search(tracker, exp, "tags.trial != ''", where)
     rows = []
     for r in runs:
         row = dict(trial=int(r.data.tags["trial"]), state=STATE.get(r.info.status, r.info.status),
@@ -58,3 +80,53 @@ def reproduce(run_id: str, tracking_uri: str | None = None, data_dir: str | None
     result = score_groups(pd.concat(sols, ignore_index=True), pd.concat(oofs, ignore_index=True))
     return dict(run_id=run_id, logged_score=run.data.metrics.get("score"), score=result.score,
                 groups=result.groups, folds=folds)
+
+
+# ------------------------------------------------------------------ the imported manual log
+
+LEGACY_COLUMNS = (("cv_fold0", "metric"), ("cv_oof", "metric"), ("lb", "metric"), ("model.backbone", "param"),
+                  ("model.head", "param"), ("optim.lr", "param"), ("optim.epochs", "param"),
+                  ("data.window_ratio", "param"), ("based_on", "tag"), ("keep", "tag"))
+
+
+def _legacy_row(r) -> dict:
+    t, m, p = r.data.tags, r.data.metrics, r.data.params
+    row = {"entry": t.get("legacy.entry"), "date": t.get("date", "")}
+    for key, kind in LEGACY_COLUMNS:
+        row[key] = m.get(key) if kind == "metric" else (p if kind == "param" else t).get(key, "-")
+    row["run_id"] = r.info.run_id
+    return row
+
+
+def legacy_table(experiment: str = "legacy", tracking_uri: str | None = None, top: int | None = None,
+                 where: str | None = None) -> list[dict]:
+    """The manual log's entries, best fold-0 CV first (entries without one last, in log order)."""
+    tracker = Tracker(tracking_uri)
+    exp = _experiment(tracker, experiment)
+    rows = [_legacy_row(r) for r in _search(tracker, exp, "tags.source = 'legacy'", where)]
+    number = {r["entry"]: i for i, r in enumerate(sorted(rows, key=lambda r: (r["date"], r["entry"])))}
+    rows.sort(key=lambda r: (r["cv_fold0"] is None, r["cv_fold0"] or 0.0, number[r["entry"]]))
+    return rows[:top] if top else rows
+
+
+def lineage(entry: str, experiment: str = "legacy", tracking_uri: str | None = None) -> list[dict]:
+    """An entry and its ancestors through `based:` (or the entry before it where the log names
+    no base), newest first, with what each one changed."""
+    tracker = Tracker(tracking_uri)
+    exp = _experiment(tracker, experiment)
+    runs = {r.data.tags.get("legacy.entry"): r for r in _search(tracker, exp, "tags.source = 'legacy'", None)}
+    if entry not in runs:
+        from .cli import UserError
+
+        raise UserError(f"no entry {entry!r} in experiment {experiment!r}")
+    chain, seen = [], set()
+    name = entry
+    while name and name in runs and name not in seen:
+        seen.add(name)
+        r = runs[name]
+        row = _legacy_row(r)
+        row["inherits_from"] = r.data.tags.get("inherits_from", "")
+        row["changed"] = r.data.tags.get("legacy.changed", "").replace("\n", "; ")
+        chain.append(row)
+        name = row["inherits_from"].split(" ")[0]
+    return chain

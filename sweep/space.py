@@ -58,7 +58,7 @@ TOP_KEYS = {"description", "direction", "fixed", "params", "sampler", "pruner", 
 SMOKE = {
     "optim.epochs": 1, "data.img_size": 32, "data.max_studies": 8, "model.backbone": "test_efficientnet",
     "model.pretrained": False, "data.sag_t2_slices": 1, "data.sag_t1_slices": 1, "data.axial_slices": 1,
-    "optim.batch_size": 8, "model.rnn_hidden": 16,
+    "optim.batch_size": 8, "model.rnn_hidden": 16, "num_workers": 0,
 }
 
 

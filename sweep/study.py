@@ -41,6 +41,11 @@ class StudyError(RuntimeError):
     """The study cannot start (storage, GPUs, existing study...); the message says why."""
 
 
+def is_legacy(trial) -> bool:
+    """A trial imported from the manual log (`optuna-run import-log --enqueue`), not run here."""
+    return trial.user_attrs.get("source") == "legacy"
+
+
 # ---------------------------------------------------------------- storage
 
 
@@ -104,8 +109,9 @@ class TrialQuota:
 
     @staticmethod
     def counted(trials) -> list:
+        """Trials that count towards N: not those replaced by a retry, not imported legacy ones."""
         retried = {t.system_attrs.get("failed_trial") for t in trials}
-        return [t for t in trials if t.number not in retried]
+        return [t for t in trials if t.number not in retried and not is_legacy(t)]
 
     def used(self, study: optuna.Study) -> tuple[int, int]:
         """(trials that count towards N, of which waiting to be run)."""
@@ -250,7 +256,7 @@ def launch(space: SearchSpace, n_trials: int, *, study_name: str, storage_url: s
     try:
         study = optuna.create_study(study_name=study_name, storage=storage, direction=space.direction,
                                     sampler=space.make_sampler(), pruner=space.make_pruner(),
-                                    load_if_exists=resume)
+                                    load_if_exists=resume or _only_legacy(storage, study_name))
     except optuna.exceptions.DuplicatedStudyError:
         raise StudyError(f"study {study_name!r} already exists in {redact(storage_url)}: pass --resume to add to it "
                          f"(N is the study's total), or choose another --study-name") from None
@@ -281,8 +287,20 @@ def launch(space: SearchSpace, n_trials: int, *, study_name: str, storage_url: s
         _close_orphan_runs(tracker, experiment_id, parent, study)
         tracker.end_run(parent, status)
     trials = study.get_trials(deepcopy=False)
-    counts = {s.name: sum(t.state == s for t in trials) for s in TrialState}
+    counts = {s.name: sum(t.state == s and not is_legacy(t) for t in trials) for s in TrialState}
+    counts["LEGACY"] = sum(is_legacy(t) for t in trials)
     return StudyOutcome(study, parent, experiment_id, tracking_uri, counts, time.time() - started)
+
+
+def _only_legacy(storage: RDBStorage, study_name: str) -> bool:
+    """A study that holds nothing but trials imported from the manual log (a warm start), or
+    nothing at all, is continued without --resume."""
+    try:
+        study = optuna.load_study(study_name=study_name, storage=storage)
+    except KeyError:
+        return False
+    trials = study.get_trials(deepcopy=False)
+    return all(is_legacy(t) for t in trials)
 
 
 def _run_processes(ctx, n_trials, deadline, workers, started, heartbeat, fit_fn) -> None:
