@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .mapping import Resolved, resolve
-from .parse import Entry, Result, parse_log
+from .parse import Entry, parse_log
 
 DEFAULT_EXPERIMENT = "legacy"
 MAPPING_VERSION = "1"  # bump when mapping rules change: re-importing then replaces every run
@@ -67,10 +67,6 @@ def _date_ms(entry: Entry) -> int | None:
     return int(t.timestamp() * 1000) + entry.lineno  # keeps the file order within a day
 
 
-def _result_text(r: Result) -> str:
-    return r.text
-
-
 def _entry_text(lines: list[str], entry: Entry) -> str:
     return "\n".join(lines[entry.lineno - 1:entry.end_lineno]).rstrip()
 
@@ -104,7 +100,7 @@ def _tags(r: Resolved, source: Path, text_hash: str) -> dict[str, str]:
         "date": e.date or "", "based_on": e.based_on or "", "inherits_from": inherits,
         "keep": e.keep or "", "dataset_version": r.own.dataset_version or e.dataset_version or "",
         "source.file": source.name, "source.lines": f"{e.lineno}-{e.end_lineno}",
-        "results": "\n".join(_result_text(x) for x in e.results),
+        "results": "\n".join(x.text for x in e.results),
         "notes": "\n".join(e.notes), "legacy.changed": "\n".join(e.changed),
         "legacy.unmapped": "\n".join(r.own.unmapped), "legacy.hash": text_hash,
     }

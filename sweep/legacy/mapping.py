@@ -12,7 +12,6 @@ entry says otherwise (`BASELINE`): all five conditions scored, pretrained ImageN
 """
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -239,12 +238,3 @@ def resolve(entries: list[Entry]) -> list[Resolved]:
         out.append(r)
         latest[e.name.split("-")[0]] = r  # `based: exp164` means the latest exp164
     return out
-
-
-def flat_value(value: Any) -> str:
-    """How TrainConfig.to_flat writes a value (lists as JSON), so legacy and study params compare."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (list, tuple, dict)):
-        return json.dumps(value, separators=(",", ":"))
-    return str(value)
