@@ -6,6 +6,7 @@
     optuna-run import-log [FILE] [--experiment legacy] [--enqueue SPACE]
     optuna-run runs legacy [--top K] [--where FILTER] [--lineage expNNN]
     optuna-run ui [--port 5000]
+    optuna-run dashboard STUDY [--out FILE.html]
     optuna-run make-phantom DIR [--studies N --test-studies M --seed S]
     optuna-run data check [--data DIR] [--json]
     optuna-run train --config FILE.yaml [--data DIR] [key=value ...] [--json]
@@ -168,11 +169,29 @@ def cmd_study(args) -> int:
                      tracking_uri=tracking_uri, data_dir=str(data), overrides=overrides, smoke=args.smoke,
                      resume=args.resume, workers=workers, timeout=args.timeout or space.timeout, tags=tags,
                      caps=caps)
-    _print_summary(space, outcome, study_name, args)
+    dashboard = _write_dashboard(outcome, study_name)
+    _print_summary(space, outcome, study_name, args, dashboard)
     return 0
 
 
-def _print_summary(space, outcome, study_name, args) -> None:
+def _write_dashboard(outcome, study_name: str) -> str | None:
+    """Every study ends with its report written (dashboards/STUDY.html); a failure here is a
+    warning, never a lost study."""
+    from dashboards.report import write_report
+
+    from .tracking import Tracker
+
+    out = Path("dashboards") / f"{study_name}.html"
+    try:
+        write_report(outcome.study, out, client=Tracker(outcome.tracking_uri).client)
+        return str(out)
+    except Exception as e:  # the study is in the stores already
+        print(f"warning: the dashboard could not be written ({type(e).__name__}: {e}); "
+              f"retry with: optuna-run dashboard {study_name}", file=sys.stderr)
+        return None
+
+
+def _print_summary(space, outcome, study_name, args, dashboard: str | None = None) -> None:
     from .tracking import redact
 
     study = outcome.study
@@ -192,8 +211,12 @@ def _print_summary(space, outcome, study_name, args) -> None:
         print(f"  {k} = {v}")
     print(f"  MLflow run {best.user_attrs.get('mlflow_run_id')}")
     uri = "" if args.tracking_uri is None else f" --tracking-uri {redact(args.tracking_uri)}"
-    print(f"\nnext:\n  optuna-run ui{uri}                        # browse every trial in the MLflow UI"
-          f"\n  optuna-run runs {study_name}{uri}                  # the trials as a table")
+    print("\nnext:")
+    if dashboard:
+        print(f"  dashboard written: {dashboard}   (open file://{Path(dashboard).resolve()} in a browser)")
+    print(f"  optuna-run ui{uri}            # the MLflow UI on http://127.0.0.1:5000: every trial, curves, artifacts"
+          f"\n  optuna-run runs {study_name}{uri}      # the trials as a table"
+          f"\n  optuna-run dashboard {study_name}      # rewrite the dashboard after more trials")
 
 
 def _print_table(rows: list[dict]) -> None:
@@ -223,6 +246,32 @@ def cmd_runs(args) -> int:
         print("no runs")
     else:
         _print_table(rows)
+    return 0
+
+
+def cmd_dashboard(args) -> int:
+    import optuna
+
+    from dashboards.report import write_report
+
+    from .study import DEFAULT_STORAGE, make_storage
+    from .tracking import Tracker, default_tracking_uri, redact
+
+    storage_url = args.storage or DEFAULT_STORAGE
+    storage = make_storage(storage_url)
+    names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
+    if args.study not in names:
+        raise UserError(f"no study {args.study!r} in {redact(storage_url)} (have: {', '.join(names) or 'none'})")
+    study = optuna.load_study(study_name=args.study, storage=storage)
+    uri = args.tracking_uri or default_tracking_uri()
+    client = None
+    if not uri.startswith("sqlite:///") or Path(uri[len("sqlite:///"):]).exists():
+        client = Tracker(uri).client
+    out = Path(args.out or f"dashboards/{args.study}.html")
+    summary = write_report(study, out, client=client, tracking_uri=redact(uri))
+    print(f"dashboard of study {args.study}: {out} ({len(summary['figures'])} figures"
+          + (f"; empty: {', '.join(summary['empty'])}" if summary["empty"] else "") + ")")
+    print(f"open it in a browser: file://{out.resolve()}")
     return 0
 
 
@@ -344,6 +393,13 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--data", help="data folder, if it moved since the run")
     rp.add_argument("--json", action="store_true")
     rp.set_defaults(func=cmd_reproduce)
+
+    db = sub.add_parser("dashboard", help="a self-contained HTML report of a study (plotly, works offline)")
+    db.add_argument("study", help="the study (by default a space's study has the space's name)")
+    db.add_argument("--out", help="the HTML file (default: dashboards/STUDY.html)")
+    db.add_argument("--storage", help="Optuna storage URL (default: sqlite:///studies.db)")
+    db.add_argument("--tracking-uri")
+    db.set_defaults(func=cmd_dashboard)
 
     il = sub.add_parser("import-log", help="the manual experiment log as MLflow runs (and a study warm start)")
     il.add_argument("file", nargs="?", help="the log (default: legacy/manual_log.md)")

@@ -103,6 +103,7 @@ def run_trial(trial: optuna.Trial, space: SearchSpace, ctx: TrialContext, tracke
         **({"retry_of": system_attrs["failed_trial"]} if "failed_trial" in system_attrs else {}),
     })
     trial.set_user_attr("mlflow_run_id", run_id)
+    trial.set_user_attr("worker", worker.get("name", "0"))
     t0 = time.perf_counter()
     artifacts = Path(tempfile.mkdtemp(prefix=f"spinesweep-t{trial.number}-artifacts-"))
     try:
@@ -139,6 +140,7 @@ def run_trial(trial: optuna.Trial, space: SearchSpace, ctx: TrialContext, tracke
                  **{f"final_{k}": v for k, v in total.groups.items()},
                  "best_epoch": results[-1].best_epoch, "trial_seconds": time.perf_counter() - t0}
         oof.to_csv(artifacts / "oof.csv", index=False)
+        solution.to_csv(artifacts / "solution.csv", index=False)  # the labels: calibration, ensembles
         tracker.log_artifacts(run_id, artifacts)
         tracker.log_batch(run_id, metrics=final, step=len(space.folds) * cfg.optim.epochs, tags={
             "pretrained_loaded": results[0].pretrained_loaded,

@@ -1,0 +1,119 @@
+"""One self-contained HTML report per study: plotly.js inlined once, so it opens offline.
+
+Each figure sits in a ``<section data-figure=NAME>``; a section whose data is empty says why in
+words instead. A small script records any JavaScript error in ``#report-errors`` (the headless
+browser test reads it).
+"""
+from __future__ import annotations
+
+import html
+import time
+from pathlib import Path
+from typing import Any
+
+import optuna
+
+from . import figures, info
+
+_ERRORS_JS = """<script>
+window.__reportErrors = [];
+window.addEventListener('error', function (e) {
+  window.__reportErrors.push(String(e.message));
+  var el = document.getElementById('report-errors');
+  if (el) { el.textContent = window.__reportErrors.join('\\n'); el.style.display = 'block'; }
+});
+</script>"""
+
+_CSS = """<style>
+body { font-family: system-ui, sans-serif; margin: 24px auto; max-width: 1200px; color: #222; }
+h1 { margin-bottom: 4px; } .meta { color: #555; margin-top: 0; }
+section { border-top: 1px solid #ddd; padding: 8px 0 16px; }
+.empty { color: #777; font-style: italic; }
+#report-errors { display: none; color: #b00; white-space: pre-wrap; }
+table { border-collapse: collapse; } td, th { padding: 2px 10px; text-align: left; }
+</style>"""
+
+
+def collect(study: optuna.Study, client=None, legacy_experiment: str = "legacy") -> dict[str, Any]:
+    """Everything the report shows, as plain data (figures are built from it)."""
+    data: dict[str, Any] = {
+        "history": info.history(study),
+        "importances": info.importances(study),
+        "params": info.param_table(study),
+        "intermediate": info.intermediate(study),
+        "timeline": info.timeline(study),
+        "best_run": info.best_run_id(study),
+        "curves": {"folds": []}, "confusion": {}, "calibration": {"predicted": [], "observed": [], "count": []},
+        "legacy": {"legacy": [], "study": []},
+    }
+    if client is not None:
+        run_id = data["best_run"]
+        if run_id:
+            data["curves"] = info.learning_curves(client, run_id)
+            data["confusion"] = info.confusion(client, run_id)
+            oof, sol = info.run_frames(client, run_id)
+            if oof is not None and sol is not None:
+                data["calibration"] = info.calibration(oof, sol)
+        data["legacy"] = info.against_legacy(study, client, legacy_experiment)
+    return data
+
+
+SECTIONS = [  # name, builder, why it can be empty
+    ("history", lambda d, s: figures.history(d["history"], s.direction.name.lower()), "no finished trial yet"),
+    ("importances", lambda d, s: figures.importances(d["importances"]),
+     "needs at least two completed trials with a parameter that varies"),
+    ("parallel", lambda d, s: figures.parallel(d["params"]), "needs at least two completed trials"),
+    ("slices", lambda d, s: figures.slices(d["params"]), "no completed trial yet"),
+    ("intermediate", lambda d, s: figures.intermediate(d["intermediate"]), "no trial reported a value yet"),
+    ("timeline", lambda d, s: figures.timeline(d["timeline"]), "no trial started yet"),
+    ("curves", lambda d, s: figures.learning_curves(d["curves"], f"Learning curves of the best trial "
+                                                                 f"(MLflow run {d['best_run']})"),
+     "the best trial's run has no history.csv (or no MLflow store was given)"),
+    ("confusion", lambda d, s: figures.confusion(d["confusion"]), "the best trial's run has no confusion matrices"),
+    ("calibration", lambda d, s: figures.calibration(d["calibration"]),
+     "the best trial's run has no oof.csv and solution.csv"),
+    ("legacy", lambda d, s: figures.against_legacy(d["legacy"], s.study_name),
+     "no imported manual log (optuna-run import-log) or no completed trial"),
+]
+
+
+def write_report(study: optuna.Study, out: str | Path, client=None, tracking_uri: str = "") -> dict[str, Any]:
+    """Write the HTML report; returns {figures: [...], empty: {name: why}, path}."""
+    data = collect(study, client)
+    trials = study.get_trials(deepcopy=False)
+    own = [t for t in trials if t.user_attrs.get("source") != "legacy"]
+    counts = {s.name.lower(): sum(t.state == s for t in own) for s in optuna.trial.TrialState}
+    parts, built, empty = [], [], {}
+    first = True
+    for name, build, why in SECTIONS:
+        fig = build(data, study)
+        if fig is None:
+            empty[name] = why
+            parts.append(f'<section data-figure="{name}" data-empty="1"><h3>{name}</h3>'
+                         f'<p class="empty">{html.escape(why)}</p></section>')
+            continue
+        built.append(name)
+        div = fig.to_html(full_html=False, include_plotlyjs="inline" if first else False,
+                          div_id=f"fig-{name}", config={"displaylogo": False})
+        first = False
+        parts.append(f'<section data-figure="{name}">{div}</section>')
+    best = ""
+    done = [t for t in own if t.state == optuna.trial.TrialState.COMPLETE]
+    if done:
+        b = min(done, key=lambda t: t.value) if study.direction.name == "MINIMIZE" else max(done, key=lambda t: t.value)
+        rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(f'{v:.4g}' if isinstance(v, float) else str(v))}"
+                       f"</td></tr>" for k, v in b.params.items())
+        best = (f"<p>Best trial <b>{b.number}</b>: score <b>{b.value:.4f}</b>, MLflow run "
+                f"<code>{html.escape(str(b.user_attrs.get('mlflow_run_id')))}</code></p><table>{rows}</table>")
+    legacy_n = len(trials) - len(own)
+    meta = ", ".join(f"{v} {k}" for k, v in counts.items() if v) + (f", {legacy_n} imported from the manual log"
+                                                                      if legacy_n else "")
+    doc = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>spinesweep: {html.escape(study.study_name)}"
+           f"</title>{_ERRORS_JS}{_CSS}</head><body><h1>Study {html.escape(study.study_name)}</h1>"
+           f"<p class='meta'>{html.escape(meta)} &middot; written {time.strftime('%Y-%m-%d %H:%M')}"
+           f"{' &middot; MLflow ' + html.escape(tracking_uri) if tracking_uri else ''}</p>"
+           f"<pre id='report-errors'></pre>{best}{''.join(parts)}</body></html>")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(doc, encoding="utf-8")
+    return {"path": str(out), "figures": built, "empty": empty}

@@ -1,0 +1,122 @@
+"""Dashboards: the info extractors on a hand-made study, the figure builders on empty and full
+data, and (slow) a real study's report rendered in headless Chromium, every figure drawn."""
+import os
+from pathlib import Path
+
+import optuna
+import pandas as pd
+import pytest
+from optuna.distributions import CategoricalDistribution, FloatDistribution
+from optuna.trial import TrialState, create_trial
+
+from dashboards import figures, info
+from dashboards.browser import chromium, render
+from dashboards.report import write_report
+from sweep.cli import main
+
+DISTS = {"lr": FloatDistribution(1e-4, 1e-2, log=True), "head": CategoricalDistribution(["lstm", "gru"])}
+
+
+def hand_made_study() -> optuna.Study:
+    study = optuna.create_study(direction="minimize")
+    values = [0.9, 0.7, None, 0.8, 0.6]
+    for i, v in enumerate(values):
+        params = {"lr": 1e-3 * (i + 1), "head": "lstm" if i % 2 else "gru"}
+        inter = {0: 1.0 - 0.05 * i, 1: 0.95 - 0.05 * i}
+        if v is None:  # pruned after two steps
+            study.add_trial(create_trial(state=TrialState.PRUNED, params=params, distributions=DISTS,
+                                         intermediate_values=inter, user_attrs={"worker": "cpu1"}))
+        else:
+            study.add_trial(create_trial(value=v, params=params, distributions=DISTS, intermediate_values=inter,
+                                         user_attrs={"worker": f"cpu{i % 2}"}))
+    study.add_trial(create_trial(value=0.1, params={"lr": 5e-3}, distributions={"lr": DISTS["lr"]},
+                                 user_attrs={"source": "legacy", "legacy_entry": "exp127"}))
+    return study
+
+
+def test_extractors_on_a_hand_made_study():
+    s = hand_made_study()
+    h = info.history(s)
+    assert h["number"] == [0, 1, 2, 3, 4]  # the legacy trial is not part of the study's history
+    assert h["state"][2] == "PRUNED" and h["value"][2] == pytest.approx(0.85)  # its last reported value
+    assert h["best"] == [0.9, 0.7, 0.7, 0.7, 0.6]
+    table = info.param_table(s)
+    assert table["number"] == [0, 1, 3, 4] and table["params"]["head"]["categorical"]
+    assert table["params"]["lr"]["log"] and table["params"]["head"]["choices"] == ["lstm", "gru"]
+    inter = info.intermediate(s)
+    assert [t["pruned_at"] for t in inter] == [None, None, 1, None, None]
+    imp = info.importances(s)
+    assert set(imp) == {"lr", "head"} and sum(imp.values()) == pytest.approx(1.0)
+    assert {t["worker"] for t in info.timeline(s)} == {"cpu0", "cpu1"}
+
+
+def test_calibration_bins():
+    oof = pd.DataFrame({"row_id": ["a", "b"], "normal_mild": [0.95, 0.15], "moderate": [0.03, 0.8],
+                        "severe": [0.02, 0.05]})
+    sol = pd.DataFrame({"row_id": ["a", "b"], "normal_mild": [1.0, 0.0], "moderate": [0.0, 1.0],
+                        "severe": [0.0, 0.0], "sample_weight": [1, 2]})
+    cal = info.calibration(oof, sol, bins=10)
+    assert sum(cal["count"]) == 6
+    top = cal["predicted"].index(max(cal["predicted"]))
+    assert cal["observed"][top] == 1.0  # 0.95 was right
+    assert cal["observed"][0] == 0.0  # the low probabilities were all wrong classes
+
+
+def test_builders_return_none_on_empty_data_and_figures_otherwise():
+    assert figures.history({"number": [], "value": [], "state": [], "best": []}) is None
+    assert figures.importances({}) is None and figures.intermediate([]) is None and figures.timeline([]) is None
+    assert figures.confusion({}) is None and figures.calibration({"predicted": [], "observed": [], "count": []}) is None
+    assert figures.against_legacy({"legacy": [], "study": [{"number": 0, "value": 1}]}, "x") is None
+    s = hand_made_study()
+    for fig in (figures.history(info.history(s)), figures.parallel(info.param_table(s)),
+                figures.slices(info.param_table(s)), figures.intermediate(info.intermediate(s)),
+                figures.timeline(info.timeline(s)), figures.importances(info.importances(s)),
+                figures.confusion({"spinal_canal_stenosis": [[5, 1, 0], [1, 2, 0], [0, 1, 1]]})):
+        assert fig is not None and len(fig.data) >= 1
+
+
+def test_report_without_mlflow_says_why_a_section_is_empty(tmp_path):
+    out = write_report(hand_made_study(), tmp_path / "r.html")
+    assert set(out["figures"]) >= {"history", "importances", "parallel", "slices", "intermediate", "timeline"}
+    assert "curves" in out["empty"] and "calibration" in out["empty"]
+    text = (tmp_path / "r.html").read_text()
+    assert text.count("plotly.js v") == 1 and "<script src=" not in text  # inlined once: works offline
+
+
+def _need_browser():
+    if chromium() is None:
+        if os.environ.get("SPINESWEEP_ALLOW_NO_BROWSER"):
+            pytest.skip("no chromium (SPINESWEEP_ALLOW_NO_BROWSER set)")
+        pytest.fail("chromium is missing: scripts/test installs it (scripts/browser)")
+
+
+@pytest.mark.slow
+def test_the_browser_check_catches_a_script_error(tmp_path):
+    _need_browser()
+    from dashboards.report import _ERRORS_JS
+
+    page = tmp_path / "bad.html"
+    page.write_text(f"<html><head>{_ERRORS_JS}</head><body><pre id='report-errors'></pre>"
+                    "<script>undefinedFunction();</script></body></html>")
+    assert any("undefinedFunction" in e for e in render(page.as_uri())["errors"])
+
+
+@pytest.mark.slow
+def test_a_study_ends_with_a_dashboard_that_renders_every_figure(phantom_dir, tmp_path, monkeypatch, capsys):
+    _need_browser()
+    monkeypatch.chdir(tmp_path)
+    assert main(["import-log"]) == 0
+    assert main(["demo", "--smoke", "--n-trials", "4", "--workers", "2", "--data", str(phantom_dir),
+                 "--set", "optim.epochs=3"]) == 0
+    out = capsys.readouterr().out
+    report = Path("dashboards/demo-smoke.html")
+    assert report.exists() and "dashboard written: dashboards/demo-smoke.html" in out and "optuna-run ui" in out
+    result = render(report.resolve().as_uri())
+    assert result["errors"] == []
+    expected = {"history", "importances", "parallel", "slices", "intermediate", "timeline", "curves", "confusion",
+                "calibration", "legacy"}
+    assert set(result["figures"]) == expected, result["empty"]
+    assert all(n >= 1 for n in result["figures"].values()), result["figures"]
+    # the same through the command, to another file
+    assert main(["dashboard", "demo-smoke", "--out", "r.html"]) == 0
+    assert Path("r.html").stat().st_size > 1_000_000  # plotly.js inlined
