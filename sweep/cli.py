@@ -7,6 +7,9 @@
     optuna-run runs legacy [--top K] [--where FILTER] [--lineage expNNN]
     optuna-run ui [--port 5000]
     optuna-run dashboard STUDY [--out FILE.html]
+    optuna-run promote SPACE [--trial N | --run-id ID] [--folds all|evaluated]
+    optuna-run ensemble [--name NAME] [--weights equal|optimize] [--json]
+    optuna-run predict [--data DIR] [--ensemble NAME] --out submission.csv
     optuna-run make-phantom DIR [--studies N --test-studies M --seed S]
     optuna-run data check [--data DIR] [--json]
     optuna-run train --config FILE.yaml [--data DIR] [key=value ...] [--json]
@@ -275,6 +278,59 @@ def cmd_dashboard(args) -> int:
     return 0
 
 
+def cmd_promote(args) -> int:
+    from .promote import promote
+    from .study import DEFAULT_STORAGE
+    from .tracking import default_tracking_uri
+
+    p = promote(args.study_name or args.space, args.storage or DEFAULT_STORAGE, args.tracking_uri or default_tracking_uri(),
+                trial=args.trial, run_id=args.run_id, all_folds=args.folds == "all", data_dir=args.data,
+                ensemble=args.ensemble)
+    if p.already:
+        print(f"trial {p.trial} (run {p.run_id}) is already promoted: {p.model} version {p.version}; nothing done")
+        return 0
+    trained = f", trained fold(s) {p.trained_folds} as child runs" if p.trained_folds else ""
+    print(f"promoted trial {p.trial} -> {p.model} version {p.version} (alias trial_{p.trial}, ensemble "
+          f"{args.ensemble!r}){trained}\n  OOF score over folds {p.folds}: {p.oof_score:.4f} "
+          + " ".join(f"{k} {v:.4f}" for k, v in p.groups.items()))
+    print("next: optuna-run ensemble    # combine the promoted members")
+    return 0
+
+
+def cmd_ensemble(args) -> int:
+    from .promote import ensemble
+    from .tracking import default_tracking_uri
+
+    r = ensemble(args.tracking_uri or default_tracking_uri(), args.name, args.weights)
+    if args.json:
+        print(json.dumps(r.__dict__, indent=2, default=str))
+        return 0
+    groups = list(r.groups)
+    rows = [{"member": m["member"], "weight": w, "score": m["score"], **{g: m.get(g) for g in groups}}
+            for m, w in zip(r.members, r.weights)]
+    rows.append({"member": f"ensemble {r.name!r} ({r.method})", "weight": sum(r.weights), "score": r.score,
+                 **r.groups})
+    _print_table(rows)
+    if r.held_out:
+        print("held-out (cross-fit over studies: weights fitted on the other studies): "
+              + ", ".join(f"{k} {v:.4f}" for k, v in r.held_out.items()) + f" -> {r.method}")
+    print(f"logged as MLflow run {r.run_id} (experiment ensembles)\nnext: optuna-run predict --out submission.csv")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from .promote import predict
+    from .tracking import default_tracking_uri
+
+    data = ensure_data(args.data)
+    out = predict(str(data), args.out, args.tracking_uri or default_tracking_uri(), args.ensemble, args.device)
+    filled = (f"; conditions no member covers, filled with the training label frequencies: "
+              f"{', '.join(out['filled_with_label_prior'])}" if out["filled_with_label_prior"] else "")
+    print(f"submission {out['path']}: {out['rows']} rows for {out['studies']} test studies, "
+          f"{len(out['members'])} member(s), weights {[round(w, 3) for w in out['weights']]}{filled}")
+    return 0
+
+
 DEFAULT_LOG = Path(__file__).resolve().parent.parent / "legacy" / "manual_log.md"
 
 
@@ -401,6 +457,34 @@ def build_parser() -> argparse.ArgumentParser:
     db.add_argument("--tracking-uri")
     db.set_defaults(func=cmd_dashboard)
 
+    pr = sub.add_parser("promote", help="a trial to the model registry, trained on every fold (an ensemble member)")
+    pr.add_argument("space", help="the space (its study) or a study name")
+    pr.add_argument("--trial", type=int, help="trial number (default: the best)")
+    pr.add_argument("--run-id", help="or the trial's MLflow run id")
+    pr.add_argument("--folds", choices=["all", "evaluated"], default="all",
+                    help="train the folds the trial was not evaluated on (all, default) or not")
+    pr.add_argument("--ensemble", default="default", help="the ensemble it joins (default: default)")
+    pr.add_argument("--study-name")
+    pr.add_argument("--storage")
+    pr.add_argument("--tracking-uri")
+    pr.add_argument("--data", help="data folder, if it moved since the study")
+    pr.set_defaults(func=cmd_promote)
+
+    en = sub.add_parser("ensemble", help="combine the promoted members on their OOF predictions")
+    en.add_argument("--name", default="default")
+    en.add_argument("--weights", choices=["equal", "optimize"], default="optimize")
+    en.add_argument("--tracking-uri")
+    en.add_argument("--json", action="store_true")
+    en.set_defaults(func=cmd_ensemble)
+
+    pd_ = sub.add_parser("predict", help="the ensemble on the test studies: a Kaggle submission")
+    pd_.add_argument("--data", help="RSNA-format folder with test_images (default: the phantom)")
+    pd_.add_argument("--ensemble", default="default")
+    pd_.add_argument("--out", default="submission.csv")
+    pd_.add_argument("--device", default="cpu")
+    pd_.add_argument("--tracking-uri")
+    pd_.set_defaults(func=cmd_predict)
+
     il = sub.add_parser("import-log", help="the manual experiment log as MLflow runs (and a study warm start)")
     il.add_argument("file", nargs="?", help="the log (default: legacy/manual_log.md)")
     il.add_argument("--experiment", default="legacy", help="MLflow experiment (default: legacy)")
@@ -463,10 +547,11 @@ def main(argv: list[str] | None = None) -> int:
 def _is_user_facing(e: Exception) -> bool:
     from trainer.models import PretrainedUnavailable
 
+    from .promote import PromoteError
     from .space import SpaceError
     from .study import StudyError
 
-    return isinstance(e, (SpaceError, StudyError, PretrainedUnavailable))
+    return isinstance(e, (SpaceError, StudyError, PretrainedUnavailable, PromoteError))
 
 
 if __name__ == "__main__":

@@ -8,12 +8,14 @@ experiment and the parent run once; workers only attach.
 """
 from __future__ import annotations
 
+import os
 import re
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 DEFAULT_MLRUNS = Path("mlruns")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # downloads are small; keep output clean
 _SECRET = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:/@\s]+):(?P<pw>[^@/\s]+)@", re.I)
 
 

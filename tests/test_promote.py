@@ -1,0 +1,78 @@
+"""Promotion, ensemble and predict end to end on the small phantom: two trials promoted (every
+fold trained), promoting again is a no-op, the ensemble is no worse than its best member and is
+logged, the submission has the exact Kaggle form and scores against the hidden test labels."""
+import json
+
+import numpy as np
+import optuna
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+
+from sweep.cli import main
+from sweep.promote import combine
+from sweep.tracking import default_tracking_uri
+from trainer.data.layout import CONDITIONS, LEVELS, read_labels
+from trainer.metric import build_solution, score_groups
+
+
+def test_combine_renormalises_over_the_members_that_cover_a_row():
+    a = pd.DataFrame({"row_id": ["1_spinal_canal_stenosis_l1_l2", "1_left_subarticular_stenosis_l1_l2"],
+                      "normal_mild": [0.8, 0.6], "moderate": [0.1, 0.3], "severe": [0.1, 0.1]})
+    b = pd.DataFrame({"row_id": ["1_spinal_canal_stenosis_l1_l2"], "normal_mild": [0.4], "moderate": [0.4],
+                      "severe": [0.2]})
+    out = combine([a, b], np.array([0.25, 0.75])).set_index("row_id")
+    assert out.loc["1_spinal_canal_stenosis_l1_l2", "normal_mild"] == pytest.approx(0.5)
+    assert out.loc["1_left_subarticular_stenosis_l1_l2", "moderate"] == pytest.approx(0.3)  # only a covers it
+    assert np.allclose(out.sum(axis=1), 1.0)
+
+
+@pytest.mark.slow
+def test_promote_ensemble_predict(phantom_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["demo", "--smoke", "--n-trials", "3", "--data", str(phantom_dir), "--set", "optim.epochs=2"]) == 0
+    study = optuna.load_study(study_name="demo-smoke", storage="sqlite:///studies.db")
+    done = sorted((t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE), key=lambda t: t.value)
+    assert len(done) >= 2
+    capsys.readouterr()
+
+    assert main(["promote", "demo-smoke"]) == 0  # the best trial
+    out = capsys.readouterr().out
+    assert f"promoted trial {done[0].number} -> spinesweep-demo-smoke version 1" in out
+    assert "trained fold(s) [1, 2, 3]" in out
+    assert main(["promote", "demo-smoke", "--trial", str(done[0].number)]) == 0
+    assert "already promoted" in capsys.readouterr().out
+    assert main(["promote", "demo-smoke", "--trial", str(done[1].number)]) == 0
+    assert "version 2" in capsys.readouterr().out
+
+    client = MlflowClient(default_tracking_uri())
+    versions = client.search_model_versions("name='spinesweep-demo-smoke'")
+    assert sorted(int(v.version) for v in versions) == [1, 2]
+    assert client.get_model_version_by_alias("spinesweep-demo-smoke", f"trial_{done[1].number}").version in (2, "2")
+    run_id = done[0].user_attrs["mlflow_run_id"]
+    children = client.search_runs([client.get_run(run_id).info.experiment_id],
+                                  f"tags.mlflow.parentRunId = '{run_id}'")
+    assert sorted(r.data.tags["fold"] for r in children) == ["1", "2", "3"]
+    arts = {a.path for a in client.list_artifacts(run_id, "promoted")}
+    assert {f"promoted/checkpoint_fold{k}.pt" for k in range(4)} <= arts
+    oof = pd.read_csv(client.download_artifacts(run_id, "promoted/oof.csv", str(tmp_path)))
+    assert oof["row_id"].str.split("_").str[0].nunique() == 8  # every smoke study (8) is out of fold once
+
+    assert main(["ensemble", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert len(r["members"]) == 2
+    assert r["score"] <= min(m["score"] for m in r["members"]) + 1e-9
+    logged = client.get_run(r["run_id"])
+    assert logged.data.metrics["score"] == pytest.approx(r["score"])
+    assert client.get_experiment(logged.info.experiment_id).name == "ensembles"
+
+    assert main(["predict", "--data", str(phantom_dir), "--out", "submission.csv"]) == 0
+    sub = pd.read_csv("submission.csv")
+    sample = pd.read_csv(phantom_dir / "sample_submission.csv")
+    assert list(sub.columns) == list(sample.columns) and sub["row_id"].tolist() == sample["row_id"].tolist()
+    assert len(sub) == 25 * sample["row_id"].str.split("_").str[0].nunique()
+    assert not sub.isna().any().any()
+    assert np.allclose(sub[["normal_mild", "moderate", "severe"]].sum(axis=1), 1.0)
+    hidden = read_labels(phantom_dir / "_phantom" / "test_labels.csv")
+    score = score_groups(build_solution(hidden), sub).score
+    assert np.isfinite(score) and score > 0

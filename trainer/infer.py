@@ -1,0 +1,141 @@
+"""Predictions on studies without labelled coordinates (Kaggle's test studies).
+
+Test studies come with images only. Each model still needs its own crops, so the points are
+placed from the series geometry with what the training data teaches (`LevelPrior`): for every
+(condition, level), the mean position of its labelled points as a fraction of the stack (slice
+index / (slices - 1), along the sorted normal) and of the image (x / columns, y / rows). The
+canal point sits on the centre slices of Sagittal T2, each foramen on its side of Sagittal T1; the
+axial block uses the documented fallback of the crop builder (the canal point carried through
+patient space to the nearest Axial T2 slice). Then the crops are built by the model's own
+`CropSpec`, exactly as in training.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .data.cache import VolumeCache, default_cache_dir
+from .data.crops import CropSpec, build_study_crops
+from .data.dicom import DicomWarning
+from .data.layout import CONDITIONS, LEVELS, PLANE_OF_CONDITION, SEVERITIES, TARGET_COLUMNS, Layout, row_id
+from .fit import load_checkpoint
+
+
+@dataclass
+class LevelPrior:
+    """Mean relative point positions per (condition, level): slice, x and y fractions."""
+
+    table: dict[tuple[str, str], tuple[float, float, float]]
+
+    @classmethod
+    def fit(cls, layout: Layout, cache_root: Path | None = None, max_studies: int = 200) -> "LevelPrior":
+        volumes = VolumeCache(Path(cache_root or default_cache_dir()))
+        coords = layout.coordinates
+        coords = coords[coords["study_id"].isin(layout.study_ids[:max_studies])]
+        rows: dict[tuple[str, str], list[tuple[float, float, float]]] = {}
+        for (study_id, series_id), group in coords.groupby(["study_id", "series_id"]):
+            try:
+                vol = volumes.load(layout.series_dir(study_id, series_id), study_id, series_id)
+            except Exception as e:  # an unreadable training series teaches nothing; others do
+                warnings.warn(f"level prior: study {study_id} series {series_id} skipped ({e})", DicomWarning)
+                continue
+            n = len(vol)
+            for r in group.itertuples(index=False):
+                idx = vol.index_of_instance(int(r.instance_number))
+                if idx is None:
+                    continue
+                h, w = vol.images[idx].shape
+                rows.setdefault((r.condition, r.level), []).append(
+                    (idx / max(n - 1, 1), float(r.x) / w, float(r.y) / h))
+        if not rows:
+            raise ValueError(f"{layout.root}: no usable labelled coordinates to learn level positions from")
+        return cls({k: tuple(np.mean(v, axis=0)) for k, v in rows.items()})
+
+    def coordinates(self, study_id: int, series: dict[str, list[int]], load_volume) -> pd.DataFrame:
+        """Synthetic train_label_coordinates rows for one study (sagittal conditions only: the
+        axial block takes the canal point through patient space)."""
+        out = []
+        for cond in CONDITIONS:
+            desc = PLANE_OF_CONDITION[cond]
+            if desc == "Axial T2" or not series.get(desc):
+                continue
+            series_id = series[desc][0]
+            try:
+                vol = load_volume(series_id)
+            except Exception as e:
+                warnings.warn(f"study {study_id} series {series_id}: {e}", DicomWarning)
+                continue
+            for level in LEVELS:
+                if (cond, level) not in self.table:
+                    continue
+                fz, fx, fy = self.table[(cond, level)]
+                idx = int(round(fz * (len(vol) - 1)))
+                h, w = vol.images[idx].shape
+                out.append(dict(study_id=study_id, series_id=series_id,
+                                instance_number=int(vol.instance_numbers[idx]), condition=cond, level=level,
+                                x=fx * w, y=fy * h))
+        return pd.DataFrame(out, columns=["study_id", "series_id", "instance_number", "condition", "level", "x", "y"])
+
+
+def label_prior(layout: Layout) -> dict[str, np.ndarray]:
+    """Per condition: the training frequencies of the three grades (the fallback prediction)."""
+    labels = layout.labels
+    out = {}
+    for cond in CONDITIONS:
+        sev = labels.loc[labels["condition"] == cond, "severity"]
+        counts = np.array([(sev == k).sum() for k in range(len(SEVERITIES))], dtype=float) + 1.0
+        out[cond] = counts / counts.sum()
+    return out
+
+
+@torch.no_grad()
+def predict_studies(checkpoints: list[str | Path], data_dir: str | Path, study_ids=None, split: str = "test",
+                    prior: LevelPrior | None = None, cache_root: Path | None = None,
+                    device: str = "cpu", batch_size: int = 16) -> pd.DataFrame:
+    """Kaggle-form predictions (row_id + three probabilities) of one model trained on several
+    folds: each checkpoint predicts every study's five levels, probabilities are averaged over
+    checkpoints. Covers the conditions the model was trained on."""
+    layout = Layout(Path(data_dir))
+    table = layout.test_series if split == "test" else layout.train_series
+    study_ids = sorted(table["study_id"].unique().tolist()) if study_ids is None else list(study_ids)
+    prior = prior or LevelPrior.fit(layout, cache_root)
+    volumes = VolumeCache(Path(cache_root or default_cache_dir()))
+    summed: dict[str, np.ndarray] = {}
+    for path in checkpoints:
+        model, cfg, ckpt = load_checkpoint(path, device)
+        spec = CropSpec.from_config(cfg.data)
+        conditions = ckpt["conditions"]
+        xs, keys = [], []
+        for sid in study_ids:
+            series = layout.series_of(sid, split)
+
+            def load_volume(series_id, sid=sid):
+                return volumes.load(layout.series_dir(sid, series_id, split), sid, series_id)
+
+            coords = prior.coordinates(sid, series, load_volume)
+            axial = series["Axial T2"][0] if series["Axial T2"] else None
+            crops = build_study_crops(sid, coords, load_volume, spec, axial)
+            x = torch.from_numpy(crops.images.astype(np.float32))
+            if cfg.data.normalize == "minmax255":
+                x = x / 255.0
+            else:
+                flat = x.flatten(1)
+                x = (x - flat.mean(1)[:, None, None, None]) / flat.std(1).clamp_min(1e-6)[:, None, None, None]
+            xs.append(x)
+            keys += [(sid, lv) for lv in LEVELS]
+        images = torch.cat(xs) if xs else torch.zeros(0)
+        probs = []
+        for i in range(0, len(images), batch_size):
+            probs.append(torch.softmax(model(images[i:i + batch_size].to(device)).float(), -1).cpu().numpy())
+        probs = np.concatenate(probs) if probs else np.zeros((0, len(conditions), 3))
+        for (sid, lv), p in zip(keys, probs):
+            for c, cond in enumerate(conditions):
+                rid = row_id(sid, cond, lv)
+                summed[rid] = summed.get(rid, 0) + p[c]
+    n = len(checkpoints)
+    return pd.DataFrame([(rid, *(v / n)) for rid, v in summed.items()], columns=["row_id", *TARGET_COLUMNS])
