@@ -143,7 +143,7 @@ def promote(study_name: str, storage_url: str, tracking_uri: str, trial: int | N
         for f in missing:
             log(f"promote: trial {t.number} trains fold {f} ...")
             child = tracker.start_run(run.info.experiment_id, f"{run.info.run_name}-fold{f}", parent_run_id=run_id,
-                                      tags={"promotion_of": run_id, "trial": t.number, "fold": f,
+                                      tags={"promotion_of": run_id, "promoted_trial": t.number, "fold": f,
                                             "study": study_name})
             fold_cfg = cfg.with_overrides({"data.fold": f, "output_dir": str(work / f"fold{f}")})
             try:

@@ -71,7 +71,9 @@ class Tracker:
             return exp.experiment_id
         location = default_artifact_location() if self.uri.startswith("sqlite:") else None
         try:
-            return _retry(self.client.create_experiment, name, artifact_location=location)
+            # a model-training experiment: the MLflow UI opens it on its runs, not the GenAI overview
+            return _retry(self.client.create_experiment, name, artifact_location=location,
+                          tags={"mlflow.experimentKind": "custom_model_development"})
         except Exception:
             exp = self.client.get_experiment_by_name(name)  # another launcher won the race
             if exp is None:
