@@ -57,21 +57,24 @@ def _last(t) -> float | None:
 
 
 def importances(study: optuna.Study) -> dict[str, float]:
-    """fANOVA-free importances (Optuna's default evaluator) over completed sampled trials; empty
-    when there are too few trials or nothing varies."""
+    """Importances (Optuna's default evaluator) over the completed sampled trials; empty when there
+    are too few trials or nothing varies."""
     done = [t for t in _trials(study) if t.state == TrialState.COMPLETE]
     if len(done) < 2:
         return {}
+    import warnings
+
     try:
-        return dict(optuna.importance.get_param_importances(study, target=None) if not any(
-            _legacy(t) for t in study.get_trials(deepcopy=False)) else _importances_of(study, done))
+        with warnings.catch_warnings():  # "some regimes have less than 2 trials": small studies are small
+            warnings.simplefilter("ignore")
+            return dict(_importances_of(study, done))
     except (RuntimeError, ValueError, ZeroDivisionError):
         return {}
 
 
 def _importances_of(study: optuna.Study, trials: list) -> dict[str, float]:
     """Importances over the given trials only (a study warm-started from the manual log holds
-    trials with other parameter sets)."""
+    trials with other parameter sets, and failed or pruned trials say nothing of the value)."""
     sub = optuna.create_study(direction=study.direction)
     sub.add_trials(trials)
     return optuna.importance.get_param_importances(sub)
