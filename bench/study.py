@@ -62,6 +62,11 @@ def trial_seconds(cwd: Path, name: str) -> list[float]:
 
 
 def overhead(work: Path, data: Path, n: int) -> tuple[float, float]:
+    """Seconds of a trial in a study (Optuna's start to complete: ask, MLflow run, params, curves,
+    pruning checks, artifacts, tell) against `fit` alone on the same config, both in this one
+    warm process (a process's first trial pays torch's start-up, which is not the study's cost),
+    interleaved one of each per round so that drift of the machine hits both alike."""
+    from sweep.cli import main as optuna_run
     from trainer.config import TrainConfig
     from trainer.fit import fit
 
@@ -70,19 +75,28 @@ def overhead(work: Path, data: Path, n: int) -> tuple[float, float]:
     cwd.mkdir(parents=True)
     space = cwd / "fixed.yaml"
     space.write_text(FIXED_SPACE.format(path=space))
-    run_cli([str(space), "--n-trials", "1", "--data", str(data), "--study-name", "warm"], cwd)  # warm caches
-    run_cli([str(space), "--n-trials", str(n), "--data", str(data), "--study-name", "fixed"], cwd)
-    in_study = trial_seconds(cwd, "fixed")
+    import contextlib
+    import io
+
     import yaml
 
     fixed = yaml.safe_load(FIXED_SPACE.format(path=""))["fixed"]
     cfg = TrainConfig().with_overrides({**fixed, "optim.batch_size": 16, "data.data_dir": str(data)})
-    direct = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        fit(cfg)
-        direct.append(time.perf_counter() - t0)
-    return sum(direct) / n, sum(in_study) / n
+    old = os.getcwd()
+    os.chdir(cwd)
+    try:
+        direct = []
+        for i in range(n + 1):  # round 0 warms both paths up and is not counted
+            t0 = time.perf_counter()
+            fit(cfg)
+            direct.append(time.perf_counter() - t0)
+            with contextlib.redirect_stdout(io.StringIO()):
+                optuna_run([str(space), "--n-trials", str(i + 1), "--data", str(data), "--study-name", "fixed",
+                            "--resume"])
+    finally:
+        os.chdir(old)
+    in_study = trial_seconds(cwd, "fixed")
+    return sum(direct[1:]) / n, sum(in_study[1:]) / n
 
 
 def pruning(work: Path, data: Path, n: int) -> dict:
@@ -148,7 +162,7 @@ def main() -> None:
     os.environ["SPINESWEEP_CACHE"] = str(work / "cache")
     rows, extra = [], {}
     if "overhead" in args.only:
-        direct, in_study = overhead(work, data, 3)
+        direct, in_study = overhead(work, data, 4)
         extra["overhead"] = dict(direct_fit_s=direct, trial_s=in_study)
         rows.append(dict(what="seconds per trial, in a study (Optuna + MLflow) vs fit() alone", baseline=f"{direct:.1f}",
                          value=f"{in_study:.1f}", ratio=in_study / direct, goal="<= 1.03x",

@@ -34,6 +34,17 @@ class UserError(Exception):
     """Bad input from the user: printed as one line, exit code 2."""
 
 
+_SAFE_NAME = __import__("re").compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def check_study_name(name: str) -> str:
+    """Study names become file names (dashboards/NAME.html, lock files): no path tricks."""
+    if not _SAFE_NAME.match(name) or ".." in name:
+        raise UserError(f"study name {name!r}: use letters, digits, '.', '-' and '_' (at most 128, "
+                        "not starting with '.' or '-', no '..')")
+    return name
+
+
 def default_data_dir() -> Path:
     return Path(os.environ.get("SPINESWEEP_DATA", "data/phantom"))
 
@@ -157,7 +168,7 @@ def cmd_study(args) -> int:
     overrides.update(caps)
     space.base_config(extra=overrides)  # validates the --set keys before any trial starts
     data = ensure_data(args.data)
-    study_name = args.study_name or (f"{space.name}-smoke" if args.smoke else space.name)
+    study_name = check_study_name(args.study_name or (f"{space.name}-smoke" if args.smoke else space.name))
     n_trials = args.n_trials or space.n_trials
     tracking_uri = args.tracking_uri or default_tracking_uri()
     from trainer.data.cache import data_fingerprint
@@ -270,7 +281,7 @@ def cmd_dashboard(args) -> int:
     client = None
     if not uri.startswith("sqlite:///") or Path(uri[len("sqlite:///"):]).exists():
         client = Tracker(uri).client
-    out = Path(args.out or f"dashboards/{args.study}.html")
+    out = Path(args.out or f"dashboards/{check_study_name(args.study)}.html")
     summary = write_report(study, out, client=client, tracking_uri=redact(uri))
     print(f"dashboard of study {args.study}: {out} ({len(summary['figures'])} figures"
           + (f"; empty: {', '.join(summary['empty'])}" if summary["empty"] else "") + ")")

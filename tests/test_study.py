@@ -130,6 +130,7 @@ def test_runs_table_and_reproduce(phantom_dir, workdir, capsys):
     (["demo", "--gpus", "7"], "--gpus 7: no GPU with id 7"),
     (["demo", "--storage", "postgresql://u:secret@127.0.0.1:1/none"], "storage postgresql://u:***@127.0.0.1:1/none cannot be opened"),
     (["demo", "--set", "optim.lrr=1"], "optim.lrr: unknown config key"),
+    (["demo", "--study-name", "../../etc/x"], "study name '../../etc/x': use letters, digits"),
 ])
 def test_bad_input_fails_before_any_trial(argv, message, workdir, capsys, phantom_dir):
     assert main(argv + ["--data", str(phantom_dir)]) == 2
