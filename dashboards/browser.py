@@ -20,7 +20,7 @@ def render(url: str, budget_ms: int = 10000, timeout: float = 120) -> dict:
     {figures: {name: svg count}, empty: [names], errors: [js errors from the page and console]}."""
     exe = chromium()
     if exe is None:
-        raise FileNotFoundError("chromium not found: run scripts/browser (apt-get install chromium)")
+        raise FileNotFoundError("chromium not found: run scripts/test-deps (apt-get install chromium)")
     proc = subprocess.run([exe, *FLAGS, f"--virtual-time-budget={budget_ms}", "--enable-logging=stderr", "--v=0",
                            "--dump-dom", url], capture_output=True, text=True, timeout=timeout)
     dom = proc.stdout
@@ -45,7 +45,7 @@ def render(url: str, budget_ms: int = 10000, timeout: float = 120) -> dict:
 def screenshot(url: str, out: str | Path, width: int = 1280, height: int = 2400, budget_ms: int = 15000) -> Path:
     exe = chromium()
     if exe is None:
-        raise FileNotFoundError("chromium not found: run scripts/browser (apt-get install chromium)")
+        raise FileNotFoundError("chromium not found: run scripts/test-deps (apt-get install chromium)")
     out = Path(out).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     subprocess.run([exe, *FLAGS, f"--window-size={width},{height}", f"--virtual-time-budget={budget_ms}",

@@ -6,6 +6,7 @@
     optuna-run import-log [FILE] [--experiment legacy] [--enqueue SPACE]
     optuna-run runs legacy [--top K] [--where FILTER] [--lineage expNNN]
     optuna-run ui [--port 5000]
+    optuna-run server --backend-store-uri postgresql://... --artifacts-destination DIR [--host 127.0.0.1]
     optuna-run dashboard STUDY [--out FILE.html]
     optuna-run promote SPACE [--trial N | --run-id ID] [--folds all|evaluated]
     optuna-run ensemble [--name NAME] [--weights equal|optimize] [--json]
@@ -412,6 +413,41 @@ def cmd_ui(args) -> int:
     return subprocess.call(cmd)
 
 
+def cmd_server(args) -> int:
+    """An MLflow tracking server for several hosts: runs in a database, artifacts proxied by the
+    server into one folder (so hosts need no shared file system)."""
+    import subprocess
+
+    from .stores import creation_lock, normalize_db_url
+    from .tracking import redact
+
+    backend = normalize_db_url(args.backend_store_uri)
+    artifacts = args.artifacts_destination
+    if "://" not in artifacts:
+        Path(artifacts).mkdir(parents=True, exist_ok=True)
+        artifacts = Path(artifacts).resolve().as_uri()
+    try:
+        with creation_lock(backend, "mlflow"):  # the schema is created once, whoever starts first
+            from mlflow.tracking import MlflowClient
+
+            MlflowClient(backend).search_experiments(max_results=1)
+    except Exception as e:
+        raise UserError(f"--backend-store-uri {redact(backend)} cannot be opened: {type(e).__name__}: "
+                        f"{redact(str(e).splitlines()[0] if str(e) else '')}") from None
+    print(f"MLflow tracking server on http://{args.host}:{args.port} (runs in {redact(backend)}, artifacts in "
+          f"{artifacts}); hosts use --tracking-uri http://{args.host if args.host != '0.0.0.0' else '<this host>'}:"
+          f"{args.port}", flush=True)
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print("warning: the server is reachable from the network and MLflow has no authentication here: "
+              "keep it behind a firewall or an SSH tunnel", file=sys.stderr, flush=True)
+    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend, "--artifacts-destination",
+           artifacts, "--serve-artifacts", "--host", args.host, "--port", str(args.port),
+           "--workers", str(args.workers)]
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        cmd += ["--allowed-hosts", "*"]
+    return subprocess.call(cmd)
+
+
 # ------------------------------------------------------------------ parser
 
 
@@ -460,6 +496,14 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--data", help="data folder, if it moved since the run")
     rp.add_argument("--json", action="store_true")
     rp.set_defaults(func=cmd_reproduce)
+
+    sv = sub.add_parser("server", help="an MLflow tracking server for studies shared by several hosts")
+    sv.add_argument("--backend-store-uri", required=True, help="e.g. postgresql://user:pw@dbhost/mlflow")
+    sv.add_argument("--artifacts-destination", required=True, help="a folder (or s3://...) the server writes to")
+    sv.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
+    sv.add_argument("--port", type=int, default=5000)
+    sv.add_argument("--workers", type=int, default=2, help="server worker processes")
+    sv.set_defaults(func=cmd_server)
 
     db = sub.add_parser("dashboard", help="a self-contained HTML report of a study (plotly, works offline)")
     db.add_argument("study", help="the study (by default a space's study has the space's name)")

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
+import sqlalchemy.exc
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback, fail_stale_trials
 from optuna.trial import TrialState
 
@@ -34,6 +35,8 @@ DEFAULT_STORAGE = "sqlite:///studies.db"
 # this loop runs the heartbeat thread itself, as Study.optimize does; Optuna warns regardless
 warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+# what the storage raises when its database goes away (Optuna wraps some commit failures)
+STORAGE_ERRORS = (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError)
 HEARTBEAT_INTERVAL = int(os.environ.get("SPINESWEEP_HEARTBEAT", "20"))  # seconds
 
 
@@ -52,6 +55,10 @@ def is_legacy(trial) -> bool:
 def make_storage(url: str, tracking_uri: str | None = None, heartbeat: int | None = None) -> RDBStorage:
     """An RDB storage with a busy timeout for SQLite and a heartbeat whose stale trials are retried
     and have their MLflow runs closed."""
+    from .stores import creation_lock, normalize_db_url
+
+    shown = redact(url)
+    url = normalize_db_url(url)
     engine_kwargs = {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else {"pool_pre_ping": True}
     interval = heartbeat or HEARTBEAT_INTERVAL
     retry = RetryHeartbeatStaleTrialCallback(max_retry=3)
@@ -66,10 +73,12 @@ def make_storage(url: str, tracking_uri: str | None = None, heartbeat: int | Non
                 t.end_run(run_id, "FAILED")
 
     try:
-        return RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=interval,
-                          grace_period=interval * 3, heartbeat_stale_trial_callback=on_stale)
+        with creation_lock(url, "optuna"):  # launchers on a fresh storage create its tables one at a time
+            return RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=interval,
+                              grace_period=interval * 3, heartbeat_stale_trial_callback=on_stale)
     except Exception as e:
-        raise StudyError(f"storage {redact(url)} cannot be opened: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+        first = redact(str(e).splitlines()[0] if str(e) else "")
+        raise StudyError(f"storage {shown} cannot be opened: {type(e).__name__}: {first}") from None
 
 
 class TrialQuota:
@@ -77,7 +86,9 @@ class TrialQuota:
     serialises "count, then ask" across processes."""
 
     def __init__(self, storage_url: str, study_name: str):
-        self.url, self.study_name = storage_url, study_name
+        from .stores import normalize_db_url
+
+        self.url, self.study_name = normalize_db_url(storage_url), study_name
         if storage_url.startswith("sqlite:///"):
             db = Path(storage_url[len("sqlite:///"):])
             self.lock_path = db.with_name(f".{db.name}.{study_name}.lock")
@@ -109,9 +120,11 @@ class TrialQuota:
 
     @staticmethod
     def counted(trials) -> list:
-        """Trials that count towards N: not those replaced by a retry, not imported legacy ones."""
+        """Trials that count towards N: not those replaced by a retry (a dead worker's, or an
+        interrupted one's), not imported legacy ones."""
         retried = {t.system_attrs.get("failed_trial") for t in trials}
-        return [t for t in trials if t.number not in retried and not is_legacy(t)]
+        return [t for t in trials if t.number not in retried and not is_legacy(t)
+                and not t.user_attrs.get("interrupted")]
 
     def used(self, study: optuna.Study) -> tuple[int, int]:
         """(trials that count towards N, of which waiting to be run)."""
@@ -151,9 +164,18 @@ def worker_loop(ctx: TrialContext, n_trials: int, deadline: float | None, spec: 
                               pruner=space.make_pruner())
     quota = TrialQuota(ctx.storage_url, ctx.study_name)
     tracker = Tracker(ctx.tracking_uri)
+    worker = {"name": spec.name, "device": f"cuda:{spec.gpu}" if spec.gpu is not None else spec.device}
+    try:
+        return _loop(study, storage, quota, tracker, space, ctx, worker, n_trials, deadline, spec, started, fit_fn)
+    except STORAGE_ERRORS as e:  # between trials (ask, count, tell)
+        raise StudyError(f"storage {redact(ctx.storage_url)} unreachable: {type(e).__name__}: "
+                         f"{redact(str(e).splitlines()[0])}; the study stopped (resume it with --resume once "
+                         "the storage is back)") from None
+
+
+def _loop(study, storage, quota, tracker, space, ctx, worker, n_trials, deadline, spec, started, fit_fn) -> int:
     from optuna.storages._heartbeat import get_heartbeat_thread  # what study.optimize uses
 
-    worker = {"name": spec.name, "device": f"cuda:{spec.gpu}" if spec.gpu is not None else spec.device}
     ran = 0
     while deadline is None or time.time() < deadline:
         fail_stale_trials(study)
@@ -172,21 +194,54 @@ def worker_loop(ctx: TrialContext, n_trials: int, deadline: float | None, spec: 
         try:
             with get_heartbeat_thread(trial._trial_id, storage):
                 state, value, message = run_trial(trial, space, ctx, tracker, worker, fit_fn=fit_fn)
+            if state == TrialState.COMPLETE:
+                study.tell(trial, value)
+            else:
+                study.tell(trial, state=state)
         except KeyboardInterrupt:
-            study.tell(trial, state=TrialState.FAIL)
-            run_id = trial.user_attrs.get("mlflow_run_id")
-            if run_id:
-                with contextlib.suppress(Exception):
-                    tracker.set_tags(run_id, {"error": "interrupted (Ctrl-C)"})
-                    tracker.end_run(run_id, "KILLED")
+            _interrupted(study, trial, tracker)
             raise
-        if state == TrialState.COMPLETE:
-            study.tell(trial, value)
-        else:
-            study.tell(trial, state=state)
+        except STORAGE_ERRORS as e:  # the storage went away: nothing can be recorded
+            _storage_lost(trial, tracker, ctx.storage_url, e)
         ran += 1
         _progress(study, trial.number, state, value, message, spec.name, started)
     return ran
+
+
+def _storage_lost(trial: optuna.Trial, tracker: Tracker, url: str, error: Exception):
+    """The Optuna storage stopped answering mid-study: close the trial's MLflow run and stop with
+    one clear line (the trial itself is failed by the heartbeat once the storage is back, and
+    retried by --resume)."""
+    reason = f"storage {redact(url)} unreachable: {type(error).__name__}: {redact(str(error).splitlines()[0])}"
+    run_id = None
+    with contextlib.suppress(Exception):
+        run_id = trial.user_attrs.get("mlflow_run_id")
+    if run_id is None:  # the storage cannot say: find the run by its tags
+        with contextlib.suppress(Exception):
+            runs = tracker.client.search_runs([tracker.client.get_experiment_by_name(trial.study.study_name)
+                                               .experiment_id], f"tags.trial = '{trial.number}' and "
+                                              "attributes.status = 'RUNNING'", max_results=1)
+            run_id = runs[0].info.run_id if runs else None
+    if run_id:
+        with contextlib.suppress(Exception):
+            tracker.set_tags(run_id, {"error": reason[:5000]})
+            tracker.end_run(run_id, "FAILED")
+    raise StudyError(reason + "; the study stopped (resume it with --resume once the storage is back)") from None
+
+
+def _interrupted(study: optuna.Study, trial: optuna.Trial, tracker: Tracker) -> None:
+    """Ctrl-C mid-trial: the trial is FAILED (marked `interrupted`, so it does not count towards
+    N), its parameters are enqueued again so that `--resume` runs them first, and its MLflow run
+    is closed as KILLED."""
+    with contextlib.suppress(Exception):
+        trial.set_user_attr("interrupted", True)
+        study.tell(trial, state=TrialState.FAIL)
+        study.enqueue_trial(trial.params, user_attrs={"retry_of_interrupted": trial.number})
+    run_id = trial.user_attrs.get("mlflow_run_id")
+    if run_id:
+        with contextlib.suppress(Exception):
+            tracker.set_tags(run_id, {"error": "interrupted (Ctrl-C); its parameters were enqueued again"})
+            tracker.end_run(run_id, "KILLED")
 
 
 def _progress(study, number, state, value, message, worker, started) -> None:
@@ -206,6 +261,9 @@ def _worker_entry(*args) -> None:
         worker_loop(*args)
     except KeyboardInterrupt:
         sys.exit(130)
+    except StudyError as e:
+        print(f"optuna-run: error: [{args[3].name}] {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
 
 
 # ---------------------------------------------------------------- launcher
@@ -283,9 +341,14 @@ def launch(space: SearchSpace, n_trials: int, *, study_name: str, storage_url: s
     except KeyboardInterrupt:
         status = "KILLED"
         raise
+    except Exception:
+        status = "FAILED"
+        raise
     finally:
-        _close_orphan_runs(tracker, experiment_id, parent, study)
-        tracker.end_run(parent, status)
+        with contextlib.suppress(Exception):  # never mask why the study stopped
+            _close_orphan_runs(tracker, experiment_id, parent, study)
+        with contextlib.suppress(Exception):
+            tracker.end_run(parent, status)
     trials = study.get_trials(deepcopy=False)
     counts = {s.name: sum(t.state == s and not is_legacy(t) for t in trials) for s in TrialState}
     counts["LEGACY"] = sum(is_legacy(t) for t in trials)
@@ -322,6 +385,8 @@ def _run_processes(ctx, n_trials, deadline, workers, started, heartbeat, fit_fn)
                 p.terminate()
         raise
     crashed = [p.name for p in procs if p.exitcode not in (0, None)]
+    if crashed and len(crashed) == len(procs):
+        raise StudyError(f"every worker ({', '.join(crashed)}) stopped with an error (see above)")
     if crashed:
         print(f"warning: worker(s) {', '.join(crashed)} exited abnormally; the others finished the study",
               file=sys.stderr, flush=True)
@@ -330,8 +395,11 @@ def _run_processes(ctx, n_trials, deadline, workers, started, heartbeat, fit_fn)
 def _close_orphan_runs(tracker: Tracker, experiment_id: str, parent: str, study: optuna.Study) -> None:
     """No child run of this invocation stays RUNNING once its trial is over (a worker killed
     between the end of its trial and its MLflow call, say)."""
-    running = {t.user_attrs.get("mlflow_run_id") for t in study.get_trials(deepcopy=False)
-               if t.state in (TrialState.RUNNING, TrialState.WAITING)}
+    try:
+        running = {t.user_attrs.get("mlflow_run_id") for t in study.get_trials(deepcopy=False)
+                   if t.state in (TrialState.RUNNING, TrialState.WAITING)}
+    except Exception:  # the storage is gone: every run of this invocation still RUNNING is orphaned
+        running = set()
     with contextlib.suppress(Exception):
         runs = tracker.client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent}' "
                                           "and attributes.status = 'RUNNING'", max_results=1000)

@@ -56,11 +56,18 @@ class Tracker:
     """One MLflow tracking store."""
 
     def __init__(self, tracking_uri: str | None = None):
-        tracking_uri = tracking_uri or default_tracking_uri()
-        if tracking_uri.startswith("sqlite:///"):
-            Path(tracking_uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+        from .stores import creation_lock, normalize_db_url
+
+        tracking_uri = normalize_db_url(tracking_uri or default_tracking_uri())
         self.uri = tracking_uri
-        self.client = _client(tracking_uri)
+        if tracking_uri.startswith(("sqlite:", "postgresql")):
+            # a database store is created (migrated) when the client is made: once, under a lock
+            # every launcher sees, or two creating it at once crash
+            with creation_lock(tracking_uri, "mlflow"):
+                self.client = _client(tracking_uri)
+                _retry(self.client.search_experiments, max_results=1)
+        else:
+            self.client = _client(tracking_uri)
 
     # ---- set-up, done once by the launcher ----
     def ensure_experiment(self, name: str) -> str:

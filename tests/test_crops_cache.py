@@ -1,6 +1,4 @@
-import json
 import shutil
-import warnings
 
 import numpy as np
 import pandas as pd
@@ -14,7 +12,6 @@ from trainer.data.crops import CropSpec, crop_resize, crop_stack
 from trainer.data.dicom import read_series
 from trainer.data.layout import Layout
 
-from helpers import write_sagittal
 
 
 def spec(**kw) -> CropSpec:

@@ -87,7 +87,7 @@ def _need_browser():
     if chromium() is None:
         if os.environ.get("SPINESWEEP_ALLOW_NO_BROWSER"):
             pytest.skip("no chromium (SPINESWEEP_ALLOW_NO_BROWSER set)")
-        pytest.fail("chromium is missing: scripts/test installs it (scripts/browser)")
+        pytest.fail("chromium is missing: scripts/test installs it (scripts/test-deps)")
 
 
 @pytest.mark.slow

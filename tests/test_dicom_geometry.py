@@ -10,7 +10,7 @@ from trainer.data.geometry import (nearest_slice, patient_to_pixel, pixel_to_pat
                                    slice_normal)
 from trainer.data.phantom import SeriesPlan, write_series
 
-from helpers import AXIAL, SAGITTAL, dot_images, series_plan, write_sagittal
+from helpers import AXIAL, dot_images, series_plan, write_sagittal
 
 
 def test_sorted_by_position_not_by_instance_number(tmp_path):
@@ -106,7 +106,6 @@ def test_nearest_axial_slice_of_a_sagittal_point(tmp_path):
 def test_phantom_left_points_lie_on_the_patients_left(layout):
     """The phantom's left foramen and left recess points sit at larger patient x, whichever the
     stack order or FFS mirroring of their series."""
-    from trainer.data.geometry import slice_center
 
     c = layout.coordinates
     n_checked = 0

@@ -8,7 +8,7 @@ from trainer.data.cache import SampleStore, data_fingerprint
 from trainer.data.crops import CropSpec
 from trainer.data.dataset import SpineDataset
 from trainer.data.folds import load_folds, make_folds
-from trainer.data.layout import CONDITIONS, Layout
+from trainer.data.layout import CONDITIONS
 
 
 def fake_labels(n_studies, seed=0):

@@ -7,9 +7,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pydicom
-import pytest
 
-from trainer.data.layout import LABEL_COLUMNS, SEVERITIES, Layout
+from trainer.data.layout import LABEL_COLUMNS, Layout
 from trainer.data.phantom import make_phantom
 
 

@@ -12,7 +12,7 @@ from mlflow.tracking import MlflowClient
 from sweep.cli import main
 from sweep.promote import combine
 from sweep.tracking import default_tracking_uri
-from trainer.data.layout import CONDITIONS, LEVELS, read_labels
+from trainer.data.layout import read_labels
 from trainer.metric import build_solution, score_groups
 
 

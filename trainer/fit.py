@@ -344,12 +344,17 @@ def _save_checkpoint(path: Path, model, cfg: TrainConfig, spec: CropSpec, epoch:
 
     module = model.module if hasattr(model, "module") else model  # AveragedModel wraps the net
     tmp = path.with_suffix(".tmp")
-    torch.save(dict(
+    payload = dict(
         config=cfg.to_dict(), n_slices=spec.n_slices, conditions=list(cfg.data.conditions),
         label_names=list(TARGET_COLUMNS), blocks=spec.blocks(), epoch=epoch, metrics=metrics,
         state_dict=module.state_dict(), versions=dict(torch=torch.__version__, timm=timm.__version__),
-    ), tmp)
-    tmp.replace(path)
+    )
+    try:
+        torch.save(payload, tmp)
+        tmp.replace(path)
+    except (OSError, RuntimeError) as e:  # disk full: no partial checkpoint is left behind
+        tmp.unlink(missing_ok=True)
+        raise OSError(f"{path}: checkpoint could not be written ({e})") from e
 
 
 def load_checkpoint(path: str | Path, device: str = "cpu"):

@@ -91,7 +91,7 @@ def _clause(text: str, ancestors: list[str], out: Mapped) -> bool:
         return False
     rules: list[tuple[str, Any]] = [
         (r"\blr\b(.*)", lambda m: out.params.__setitem__("optim.lr", _float(m.group(1)))),
-        (rf"change\s+(\d+)\s+to\s+(\d+)\s+epochs?\b", lambda m: out.params.__setitem__("optim.epochs", int(m.group(2)))),
+        (r"change\s+(\d+)\s+to\s+(\d+)\s+epochs?\b", lambda m: out.params.__setitem__("optim.epochs", int(m.group(2)))),
         (r"\bepochs?\b(.*)", lambda m: out.params.__setitem__("optim.epochs", _int(m.group(1)))),
         (r"\b(?:batch size|bs)\b(.*)", lambda m: out.params.__setitem__("optim.batch_size", _int(m.group(1)))),
         (r"\b(?:img|image) size\b(.*)", lambda m: out.params.__setitem__("data.img_size", _int(m.group(1)))),

@@ -217,9 +217,16 @@ class SampleStore:
         return report
 
     def _write(self, study_id: int, key: str, crops: StudyCrops) -> None:
+        """The images, then the meta file that commits them: a write that fails half-way (disk
+        full) leaves no meta, so no entry, never images under an old key."""
         npy, meta_path = self._paths(study_id)
         buf = io.BytesIO()
         np.save(buf, crops.images)
-        atomic_write_bytes(npy, buf.getvalue())
         meta = dict(key=key, shape=list(crops.images.shape), present=crops.present.tolist(), flags=crops.flags)
-        atomic_write_bytes(meta_path, json.dumps(meta).encode())
+        try:
+            meta_path.unlink(missing_ok=True)
+            atomic_write_bytes(npy, buf.getvalue())
+            atomic_write_bytes(meta_path, json.dumps(meta).encode())
+        except OSError as e:
+            raise OSError(e.errno, f"crop cache {self.dir}: cannot write study {study_id} ({e.strerror or e}); "
+                                   "free some space or point SPINESWEEP_CACHE elsewhere") from e

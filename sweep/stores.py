@@ -1,0 +1,62 @@
+"""Database URLs and store creation that several launchers may do at once.
+
+Creating a fresh store runs schema creation/migrations (Optuna's tables, MLflow's alembic
+history). Two processes doing it at the same moment crash on SQLite and can collide on
+PostgreSQL, so every creation runs under a lock every launcher sees: a file lock next to a SQLite
+file, a PostgreSQL advisory lock on the database itself.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import importlib.util
+import zlib
+from pathlib import Path
+
+
+def normalize_db_url(url: str) -> str:
+    """``postgresql://`` (SQLAlchemy's psycopg2 default) -> ``postgresql+psycopg://`` when only
+    psycopg 3 is installed (the one this project depends on)."""
+    for prefix in ("postgresql://", "postgres://"):
+        if url.startswith(prefix) and importlib.util.find_spec("psycopg2") is None:
+            return "postgresql+psycopg://" + url[len(prefix):]
+    return url
+
+
+def sqlite_path(url: str) -> Path | None:
+    if url.startswith("sqlite:///"):
+        return Path(url[len("sqlite:///"):])
+    return None
+
+
+@contextlib.contextmanager
+def creation_lock(url: str, name: str = "init"):
+    """Serialise store creation across processes (and hosts, for PostgreSQL)."""
+    url = normalize_db_url(url)
+    db = sqlite_path(url)
+    if db is not None:
+        db.parent.mkdir(parents=True, exist_ok=True)
+        with open(db.with_name(f".{db.name}.{name}.lock"), "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+        return
+    if url.startswith("postgresql"):
+        from sqlalchemy import create_engine, text
+
+        engine = create_engine(url, pool_pre_ping=True)
+        key = zlib.crc32(f"spinesweep:{name}".encode())
+        try:
+            with engine.connect() as conn:
+                conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": key})
+                try:
+                    yield
+                finally:
+                    conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+                    conn.commit()
+        finally:
+            engine.dispose()
+        return
+    yield
