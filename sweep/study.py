@@ -384,6 +384,8 @@ def _run_processes(ctx, n_trials, deadline, workers, started, heartbeat, fit_fn)
             if p.is_alive():
                 p.terminate()
         raise
+    if any(p.exitcode in (130, -signal.SIGINT) for p in procs):
+        raise KeyboardInterrupt  # Ctrl-C reached the workers before (or instead of) the launcher
     crashed = [p.name for p in procs if p.exitcode not in (0, None)]
     if crashed and len(crashed) == len(procs):
         raise StudyError(f"every worker ({', '.join(crashed)}) stopped with an error (see above)")
