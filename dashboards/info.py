@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -18,8 +17,6 @@ import pandas as pd
 from optuna.trial import TrialState
 
 from trainer.metric import TARGET_COLUMNS
-
-os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no progress bars in reports
 
 
 def _legacy(t) -> bool:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -35,7 +36,7 @@ class UserError(Exception):
     """Bad input from the user: printed as one line, exit code 2."""
 
 
-_SAFE_NAME = __import__("re").compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
 def check_study_name(name: str) -> str:
@@ -418,8 +419,8 @@ def cmd_server(args) -> int:
     server into one folder (so hosts need no shared file system)."""
     import subprocess
 
-    from .stores import creation_lock, normalize_db_url
-    from .tracking import redact
+    from .stores import normalize_db_url
+    from .tracking import Tracker, redact
 
     backend = normalize_db_url(args.backend_store_uri)
     artifacts = args.artifacts_destination
@@ -427,10 +428,7 @@ def cmd_server(args) -> int:
         Path(artifacts).mkdir(parents=True, exist_ok=True)
         artifacts = Path(artifacts).resolve().as_uri()
     try:
-        with creation_lock(backend, "mlflow"):  # the schema is created once, whoever starts first
-            from mlflow.tracking import MlflowClient
-
-            MlflowClient(backend).search_experiments(max_results=1)
+        Tracker(backend)  # creates the schema once (under a lock), whoever starts first
     except Exception as e:
         raise UserError(f"--backend-store-uri {redact(backend)} cannot be opened: {type(e).__name__}: "
                         f"{redact(str(e).splitlines()[0] if str(e) else '')}") from None

@@ -78,8 +78,8 @@ def _versions(client, model: str | None = None) -> list:
     for name in names:
         try:
             out += _retry(client.search_model_versions, f"name='{name}'")
-        except Exception:
-            pass
+        except Exception:  # a model deleted between the two calls has no versions to offer
+            continue
     return out
 
 

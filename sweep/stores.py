@@ -30,32 +30,48 @@ def sqlite_path(url: str) -> Path | None:
 
 
 @contextlib.contextmanager
+def file_lock(path: Path):
+    """An exclusive lock on a file, for processes on one host."""
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def advisory_lock(engine, name: str):
+    """A PostgreSQL advisory lock: every host connected to the database sees it."""
+    from sqlalchemy import text
+
+    key = zlib.crc32(f"spinesweep:{name}".encode())
+    with engine.connect() as conn:
+        conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": key})
+        try:
+            yield
+        finally:
+            conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+            conn.commit()
+
+
+@contextlib.contextmanager
 def creation_lock(url: str, name: str = "init"):
     """Serialise store creation across processes (and hosts, for PostgreSQL)."""
     url = normalize_db_url(url)
     db = sqlite_path(url)
     if db is not None:
         db.parent.mkdir(parents=True, exist_ok=True)
-        with open(db.with_name(f".{db.name}.{name}.lock"), "a") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
+        with file_lock(db.with_name(f".{db.name}.{name}.lock")):
+            yield
         return
     if url.startswith("postgresql"):
-        from sqlalchemy import create_engine, text
+        from sqlalchemy import create_engine
 
         engine = create_engine(url, pool_pre_ping=True)
-        key = zlib.crc32(f"spinesweep:{name}".encode())
         try:
-            with engine.connect() as conn:
-                conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": key})
-                try:
-                    yield
-                finally:
-                    conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
-                    conn.commit()
+            with advisory_lock(engine, name):
+                yield
         finally:
             engine.dispose()
         return

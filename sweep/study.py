@@ -13,7 +13,6 @@ and its MLflow run is closed as FAILED.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import signal
 import sys
@@ -97,26 +96,14 @@ class TrialQuota:
 
     @contextlib.contextmanager
     def lock(self, storage: RDBStorage | None = None):
+        from .stores import advisory_lock, file_lock
+
         if self.url.startswith("postgresql") and storage is not None:
-            import zlib
-
-            from sqlalchemy import text
-
-            key = zlib.crc32(f"spinesweep:{self.study_name}".encode())
-            with storage.engine.connect() as conn:  # a lock every host sharing the database sees
-                conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": key})
-                try:
-                    yield
-                finally:
-                    conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
-                    conn.commit()
-            return
-        with open(self.lock_path, "a") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            try:
+            with advisory_lock(storage.engine, self.study_name):  # every host sharing the database sees it
                 yield
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
+            return
+        with file_lock(self.lock_path):
+            yield
 
     @staticmethod
     def counted(trials) -> list:

@@ -21,6 +21,7 @@ import torch
 
 from .data.cache import VolumeCache, default_cache_dir
 from .data.crops import CropSpec, build_study_crops
+from .data.dataset import normalize_stack
 from .data.dicom import DicomWarning
 from .data.layout import CONDITIONS, LEVELS, PLANE_OF_CONDITION, SEVERITIES, TARGET_COLUMNS, Layout, row_id
 from .fit import load_checkpoint
@@ -120,13 +121,8 @@ def predict_studies(checkpoints: list[str | Path], data_dir: str | Path, study_i
             coords = prior.coordinates(sid, series, load_volume)
             axial = series["Axial T2"][0] if series["Axial T2"] else None
             crops = build_study_crops(sid, coords, load_volume, spec, axial)
-            x = torch.from_numpy(crops.images.astype(np.float32))
-            if cfg.data.normalize == "minmax255":
-                x = x / 255.0
-            else:
-                flat = x.flatten(1)
-                x = (x - flat.mean(1)[:, None, None, None]) / flat.std(1).clamp_min(1e-6)[:, None, None, None]
-            xs.append(x)
+            levels = torch.from_numpy(crops.images.astype(np.float32))  # (levels, slices, H, W)
+            xs.append(torch.stack([normalize_stack(x, cfg.data.normalize) for x in levels]))
             keys += [(sid, lv) for lv in LEVELS]
         images = torch.cat(xs) if xs else torch.zeros(0)
         probs = []

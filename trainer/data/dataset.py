@@ -26,6 +26,14 @@ def level_targets(layout: Layout, study_ids, conditions) -> dict[tuple[int, int]
     return out
 
 
+def normalize_stack(x: torch.Tensor, mode: str) -> torch.Tensor:
+    """One sample's (slices, H, W) uint8-valued stack as model input: ``minmax255`` divides by 255
+    (crops are already min-max scaled to 0..255), ``standardize`` centres and scales over its pixels."""
+    if mode == "minmax255":
+        return x / 255.0
+    return (x - x.mean()) / x.std().clamp_min(1e-6)
+
+
 class SpineDataset(Dataset):
     """Items: ``image`` float32 (slices, H, W), ``target`` int64 (conditions,) with -1 for an
     empty label (ignored by the loss, not filled), ``present`` bool per crop block, and the keys.
@@ -64,10 +72,6 @@ class SpineDataset(Dataset):
         if self.transform is not None:
             stack = self.transform(image=np.ascontiguousarray(stack.transpose(1, 2, 0)))["image"]
             stack = stack.transpose(2, 0, 1)
-        x = torch.from_numpy(np.ascontiguousarray(stack, dtype=np.float32))
-        if self.normalize == "minmax255":
-            x = x / 255.0
-        else:  # standardize: per sample, over its pixels
-            x = (x - x.mean()) / x.std().clamp_min(1e-6)
+        x = normalize_stack(torch.from_numpy(np.ascontiguousarray(stack, dtype=np.float32)), self.normalize)
         return dict(image=x, target=torch.from_numpy(self.targets[(study_id, lv)]),
                     present=torch.from_numpy(present[lv].copy()), study_id=study_id, level=lv)
