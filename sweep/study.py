@@ -16,6 +16,7 @@ import contextlib
 import os
 import signal
 import sys
+import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -31,7 +32,7 @@ from .space import SearchSpace, load_space
 from .tracking import Tracker, redact
 
 DEFAULT_STORAGE = "sqlite:///studies.db"
-# this loop runs the heartbeat thread itself, as Study.optimize does; Optuna warns regardless
+# this loop records heartbeats itself (see _heartbeat); Optuna warns regardless
 warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 # what the storage raises when its database goes away (Optuna wraps some commit failures)
@@ -160,9 +161,35 @@ def worker_loop(ctx: TrialContext, n_trials: int, deadline: float | None, spec: 
                          "the storage is back)") from None
 
 
-def _loop(study, storage, quota, tracker, space, ctx, worker, n_trials, deadline, spec, started, fit_fn) -> int:
-    from optuna.storages._heartbeat import get_heartbeat_thread  # what study.optimize uses
+@contextlib.contextmanager
+def _heartbeat(storage: RDBStorage, trial_id: int):
+    """Record the trial's heartbeat every interval while it runs, as Study.optimize does, except
+    that an unreachable storage is not a traceback from a background thread: the beat is skipped
+    (and resumed if the storage comes back); the trial's own next write meets the same outage and
+    stops the study with one clear line."""
+    interval = storage.get_heartbeat_interval()
+    if not interval:
+        yield
+        return
+    stop = threading.Event()
 
+    def beat():
+        while True:
+            with contextlib.suppress(*STORAGE_ERRORS):
+                storage.record_heartbeat(trial_id)
+            if stop.wait(interval):
+                return
+
+    thread = threading.Thread(target=beat, name=f"optuna-heartbeat-{trial_id}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+def _loop(study, storage, quota, tracker, space, ctx, worker, n_trials, deadline, spec, started, fit_fn) -> int:
     ran = 0
     while deadline is None or time.time() < deadline:
         fail_stale_trials(study)
@@ -179,7 +206,7 @@ def _loop(study, storage, quota, tracker, space, ctx, worker, n_trials, deadline
                 continue
             break
         try:
-            with get_heartbeat_thread(trial._trial_id, storage):
+            with _heartbeat(storage, trial._trial_id):
                 state, value, message = run_trial(trial, space, ctx, tracker, worker, fit_fn=fit_fn)
             if state == TrialState.COMPLETE:
                 study.tell(trial, value)

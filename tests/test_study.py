@@ -120,3 +120,30 @@ def test_bad_input_fails_before_any_trial(argv, message, workdir, capsys, phanto
     err = capsys.readouterr().err
     assert message in err and "secret" not in err
     assert not (workdir / "mlruns").exists()
+
+
+def test_a_heartbeat_that_meets_a_dead_storage_is_not_a_thread_traceback(monkeypatch):
+    import threading
+    import time
+
+    import sqlalchemy.exc
+
+    from sweep.study import _heartbeat
+
+    class DeadStorage:
+        beats = 0
+
+        def get_heartbeat_interval(self):
+            return 0.01
+
+        def record_heartbeat(self, trial_id):
+            self.beats += 1
+            raise sqlalchemy.exc.OperationalError("UPDATE trial_heartbeats", {}, Exception("server closed"))
+
+    crashed = []
+    monkeypatch.setattr(threading, "excepthook", crashed.append)
+    storage = DeadStorage()
+    with _heartbeat(storage, 1):
+        time.sleep(0.1)
+    assert storage.beats >= 2  # it kept trying (the storage may come back) ...
+    assert crashed == []  # ... and never printed a traceback from its thread
