@@ -158,9 +158,13 @@ def cmd_train(args) -> int:
 
 
 def cmd_study(args) -> int:
+    import optuna
+
     from .space import SMOKE, load_space
     from .study import DEFAULT_STORAGE, launch, plan_workers
     from .tracking import default_tracking_uri, git_commit, package_versions
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress lines below say it all
 
     space = load_space(args.space)  # validates everything before any trial starts
     workers = plan_workers(args.gpus, args.workers)

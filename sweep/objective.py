@@ -82,6 +82,17 @@ class _MlflowCurves:
         self.tracker.log_metrics(self.run_id, m, step=self.offset + epoch)
 
 
+def _device_tag(worker: dict, device: str) -> str:
+    """Where the trial runs, by the machine's own GPU ids (a pinned worker sees its GPU as cuda:0)."""
+    if worker.get("gpu") is not None:
+        return f"cuda:{worker['gpu']}"
+    if device == "auto":
+        from trainer.fit import resolve_device
+
+        return str(resolve_device(device))
+    return device
+
+
 def run_trial(trial: optuna.Trial, space: SearchSpace, ctx: TrialContext, tracker: Tracker,
               worker: dict, fit_fn=None) -> tuple[optuna.trial.TrialState, float | None, str]:
     """Run one trial; returns (state, value, message) for `study.tell`. Never raises for a trial's
@@ -94,11 +105,13 @@ def run_trial(trial: optuna.Trial, space: SearchSpace, ctx: TrialContext, tracke
         from trainer.fit import fit as fit_fn
 
     base = TrainConfig().with_overrides(ctx.base_overrides)
+    if worker.get("device", "auto") != "auto" and "device" not in ctx.caps:  # --set device=... wins
+        base = base.with_overrides({"device": worker["device"]})
     system_attrs = trial.study._storage.get_trial_system_attrs(trial._trial_id)
     run_name = f"{space.name}-t{trial.number}"
     run_id = tracker.start_run(ctx.experiment_id, run_name, parent_run_id=ctx.parent_run_id, tags={
         **ctx.tags, "study": ctx.study_name, "trial": trial.number, "worker": worker.get("name", "0"),
-        "device": worker.get("device", "cpu"), "spinesweep.folds": ",".join(map(str, space.folds)),
+        "device": _device_tag(worker, base.device), "spinesweep.folds": ",".join(map(str, space.folds)),
         **({"smoke": "true"} if ctx.smoke else {}),
         **({"retry_of": system_attrs["failed_trial"]} if "failed_trial" in system_attrs else {}),
     })
@@ -144,7 +157,8 @@ def run_trial(trial: optuna.Trial, space: SearchSpace, ctx: TrialContext, tracke
         tracker.log_artifacts(run_id, artifacts)
         tracker.log_batch(run_id, metrics=final, step=len(space.folds) * cfg.optim.epochs, tags={
             "pretrained_loaded": results[0].pretrained_loaded,
-            "environment.device_name": results[0].environment["device_name"]})
+            "environment.device_name": results[0].environment["device_name"],
+            "environment.amp": results[0].environment["amp"]})
         trial.set_user_attr("prior_score", prior)
         tracker.end_run(run_id, "FINISHED")
         return optuna.trial.TrialState.COMPLETE, total.score, f"score {total.score:.4f}"

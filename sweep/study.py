@@ -127,7 +127,7 @@ class TrialQuota:
 class WorkerSpec:
     index: int
     name: str
-    device: str  # "cpu" or "cuda"
+    device: str  # the trainer's device: "cuda" (pinned GPU), "cpu" (--workers), "auto" (neither flag)
     gpu: str | None  # the id for CUDA_VISIBLE_DEVICES
     threads: int
 
@@ -152,7 +152,7 @@ def worker_loop(ctx: TrialContext, n_trials: int, deadline: float | None, spec: 
                               pruner=space.make_pruner())
     quota = TrialQuota(ctx.storage_url, ctx.study_name)
     tracker = Tracker(ctx.tracking_uri)
-    worker = {"name": spec.name, "device": f"cuda:{spec.gpu}" if spec.gpu is not None else spec.device}
+    worker = {"name": spec.name, "device": spec.device, "gpu": spec.gpu}
     try:
         return _loop(study, storage, quota, tracker, space, ctx, worker, n_trials, deadline, spec, started, fit_fn)
     except STORAGE_ERRORS as e:  # between trials (ask, count, tell)
@@ -301,12 +301,14 @@ def plan_workers(gpus: str | None, workers: int | None) -> list[WorkerSpec]:
         if missing:
             raise StudyError(f"--gpus {gpus}: no GPU with id {', '.join(missing)} on this machine "
                              f"(found: {', '.join(have) or 'none'})")
-        return [WorkerSpec(i, f"gpu{g}", "cuda", g, 4) for i, g in enumerate(wanted)]
-    k = workers or 1
-    if k < 1:
-        raise StudyError(f"--workers must be >= 1, got {k}")
-    threads = max(1, (os.cpu_count() or 1) // k)
-    return [WorkerSpec(i, f"cpu{i}", "cpu", None, threads) for i in range(k)]
+        threads = max(1, (os.cpu_count() or 1) // len(wanted))
+        return [WorkerSpec(i, f"gpu{g}", "cuda", g, threads) for i, g in enumerate(wanted)]
+    if workers is None:  # one worker in this process, on the GPU if one is visible (TrainConfig.device)
+        return [WorkerSpec(0, "main", "auto", None, os.cpu_count() or 1)]
+    if workers < 1:
+        raise StudyError(f"--workers must be >= 1, got {workers}")
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    return [WorkerSpec(i, f"cpu{i}", "cpu", None, threads) for i in range(workers)]
 
 
 @dataclass
@@ -383,8 +385,12 @@ def _only_legacy(storage: RDBStorage, study_name: str) -> bool:
 def _run_processes(ctx, n_trials, deadline, workers, started, heartbeat, fit_fn) -> None:
     import multiprocessing as mp
 
-    # fork: workers start at once (no re-import); CUDA is never initialised in the launcher
-    procs = [mp.get_context("fork").Process(target=_worker_entry, name=w.name,
+    import torch
+
+    # fork: workers start at once (no re-import). A process that already initialised CUDA (a
+    # notebook or test that trained on the GPU before launching) cannot fork a CUDA user: spawn.
+    method = "spawn" if torch.cuda.is_initialized() else "fork"
+    procs = [mp.get_context(method).Process(target=_worker_entry, name=w.name,
                                             args=(ctx, n_trials, deadline, w, started, heartbeat, fit_fn))
              for w in workers]
     for p in procs:

@@ -34,7 +34,11 @@ def test_fit_returns_a_complete_result(phantom_dir, tmp_path):
     assert set(r.confusion) == set(TrainConfig().data.conditions)
     assert sum(map(sum, r.confusion["spinal_canal_stenosis"])) == r.solution.row_id.str.contains("spinal").sum()
     assert r.prior_score > 0 and set(r.prior_groups) == set(r.groups)
-    assert r.environment["device"] == "cpu" and r.environment["amp"] == "off" and r.pretrained_loaded is False
+    if torch.cuda.is_available():  # device "auto" takes the GPU, with AMP
+        assert r.environment["device"] == "cuda" and r.environment["amp"] in ("bfloat16", "float16")
+    else:
+        assert r.environment["device"] == "cpu" and r.environment["amp"] == "off"
+    assert r.pretrained_loaded is False
     assert r.augment_pipeline["transform"]["__class_fullname__"] == "Compose"
     assert r.n_train > r.n_val > 0
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
 from sweep.cli import main
@@ -65,6 +66,9 @@ def test_a_study_logs_every_trial_to_mlflow(phantom_dir, workdir, capsys):
             assert r.data.tags.get(tag), tag
         for k, v in t.params.items():
             assert r.data.tags[f"optuna.{k}"] == str(v)
+        # one worker in-process, on what the machine has (TrainConfig.device "auto")
+        assert r.data.tags["worker"] == "main" and r.data.params["device"] == "auto"
+        assert r.data.tags["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
         assert r.data.params["optim.lr"] == str(t.params["optim.lr"])  # the flat config as params
         history = client.get_metric_history(r.info.run_id, "val_loss")
         assert [m.step for m in history] == list(range(1, len(history) + 1))
@@ -83,8 +87,10 @@ def test_two_workers_make_exactly_n_distinct_trials(phantom_dir, workdir):
     s = study("demo-smoke")
     assert len(s.trials) == 5 and len({t.number for t in s.trials}) == 5
     assert {t.state for t in s.trials} <= {optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED}
-    workers = {r.data.tags["worker"] for r in child_runs("demo-smoke")}
-    assert workers == {"cpu0", "cpu1"}
+    runs = child_runs("demo-smoke")
+    assert {r.data.tags["worker"] for r in runs} == {"cpu0", "cpu1"}
+    # CPU workers train on the CPU even where a GPU is visible, and say so
+    assert {(r.data.params["device"], r.data.tags["device"]) for r in runs} == {("cpu", "cpu")}
     # resuming with the same N adds nothing: N is the study's total
     assert main(["demo", "--smoke", "--n-trials", "5", "--resume", "--data", str(phantom_dir)]) == 0
     assert len(study("demo-smoke").trials) == 5
@@ -147,3 +153,18 @@ def test_a_heartbeat_that_meets_a_dead_storage_is_not_a_thread_traceback(monkeyp
         time.sleep(0.1)
     assert storage.beats >= 2  # it kept trying (the storage may come back) ...
     assert crashed == []  # ... and never printed a traceback from its thread
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on a GPU machine)")
+def test_gpu_workers_start_even_after_this_process_used_cuda(phantom_dir, workdir):
+    torch.zeros(1, device="cuda")  # a notebook that trained on the GPU, then launches a study
+    assert main(["demo", "--smoke", "--n-trials", "2", "--gpus", "0", "--data", str(phantom_dir)]) == 0
+    s = study("demo-smoke")
+    assert {t.state for t in s.trials} <= {optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED}
+    runs = child_runs("demo-smoke")
+    assert {(r.data.tags["worker"], r.data.tags["device"], r.data.params["device"]) for r in runs} == \
+        {("gpu0", "cuda:0", "cuda")}
+    for r in runs:
+        if r.info.status == "FINISHED":  # AMP on CUDA, recorded with the run
+            assert r.data.tags["environment.device_name"].startswith("NVIDIA")
+            assert r.data.tags["environment.amp"] in ("bfloat16", "float16")
