@@ -1,6 +1,7 @@
 """Study benchmark, through the real `optuna-run` command in scratch folders:
 
-- overhead of Optuna + MLflow per trial against calling `fit` directly on the same config;
+- overhead of Optuna + MLflow per trial: a trial's whole cycle in a study against the time it
+  spends training inside `fit` (and, as a check, `fit` alone against a one-trial study);
 - pruning: the demo space with its median pruner against `none`, same sampler seed and trials:
   epochs trained and best score;
 - `--workers 2` against `--workers 1` on `demo --smoke`: trials per hour.
@@ -61,42 +62,85 @@ def trial_seconds(cwd: Path, name: str) -> list[float]:
     return [(t.datetime_complete - t.datetime_start).total_seconds() for t in s.trials if t.datetime_complete]
 
 
-def overhead(work: Path, data: Path, n: int) -> tuple[float, float]:
-    """Seconds of a trial in a study (Optuna's start to complete: ask, MLflow run, params, curves,
-    pruning checks, artifacts, tell) against `fit` alone on the same config, both in this one
-    warm process (a process's first trial pays torch's start-up, which is not the study's cost),
-    interleaved one of each per round so that drift of the machine hits both alike."""
+def overhead(work: Path, data: Path, n: int) -> dict:
+    """What Optuna + MLflow add to a trial, two ways, in this one warm process (a process's first
+    trial pays torch's start-up, which is not the study's cost):
+
+    - split: one study of n + 1 trials of one fixed config; each trial's full cycle in the study
+      loop (from the previous trial's completion to this one's: stale-trial check, quota, ask,
+      MLflow run, params, curves, pruning checks, artifacts, tell, progress line) against the time
+      spent training inside `fit` (its callbacks, which log to MLflow and report to Optuna, are
+      counted as overhead). The same trials on both sides, so the machine's drift cancels out.
+    - a/b: `fit` alone against a one-trial study, interleaved one of each per round; this also
+      catches a study slowing `fit` itself down, but the machine's own drift between runs
+      (several % on 2 shared cores) is of the order of the effect, so medians are reported.
+    """
+    import contextlib
+    import io
+    import statistics
+
+    import yaml
+
+    import trainer.fit
     from sweep.cli import main as optuna_run
     from trainer.config import TrainConfig
-    from trainer.fit import fit
 
     cwd = work / "overhead"
     shutil.rmtree(cwd, ignore_errors=True)
     cwd.mkdir(parents=True)
     space = cwd / "fixed.yaml"
     space.write_text(FIXED_SPACE.format(path=space))
-    import contextlib
-    import io
-
-    import yaml
-
     fixed = yaml.safe_load(FIXED_SPACE.format(path=""))["fixed"]
     cfg = TrainConfig().with_overrides({**fixed, "optim.batch_size": 16, "data.data_dir": str(data)})
+    real_fit = trainer.fit.fit
+    inside = []  # seconds training inside fit, per call: fit's time less its callbacks'
+
+    def timed_fit(c, callbacks=()):
+        spent = [0.0]
+
+        def timed(cb):
+            def call(epoch, metrics):
+                t = time.perf_counter()
+                try:
+                    return cb(epoch, metrics)
+                finally:
+                    spent[0] += time.perf_counter() - t
+            return call
+
+        t0 = time.perf_counter()
+        try:
+            return real_fit(c, callbacks=[timed(cb) for cb in callbacks])
+        finally:
+            inside.append(time.perf_counter() - t0 - spent[0])
+
+    def study(name: str, total: int):
+        with contextlib.redirect_stdout(io.StringIO()):
+            optuna_run([str(space), "--n-trials", str(total), "--data", str(data), "--study-name", name, "--resume"])
+
     old = os.getcwd()
     os.chdir(cwd)
+    trainer.fit.fit = timed_fit  # the objective imports it at call time
     try:
         direct = []
-        for i in range(n + 1):  # round 0 warms both paths up and is not counted
+        for i in range(n + 1):  # a/b; round 0 warms both paths up and is not counted
             t0 = time.perf_counter()
-            fit(cfg)
+            real_fit(cfg)
             direct.append(time.perf_counter() - t0)
-            with contextlib.redirect_stdout(io.StringIO()):
-                optuna_run([str(space), "--n-trials", str(i + 1), "--data", str(data), "--study-name", "fixed",
-                            "--resume"])
+            study("ab", i + 1)
+        inside.clear()
+        study("split", n + 1)
     finally:
+        trainer.fit.fit = real_fit
         os.chdir(old)
-    in_study = trial_seconds(cwd, "fixed")
-    return sum(direct[1:]) / n, sum(in_study[1:]) / n
+    s = optuna.load_study(study_name="split", storage=f"sqlite:///{cwd / 'studies.db'}")
+    done = sorted(t.datetime_complete for t in s.trials)
+    cycles = [(b - a).total_seconds() for a, b in zip(done, done[1:])]  # trials 1..n
+    fits = inside[1:]
+    ab = trial_seconds(cwd, "ab")[1:]
+    return dict(cycle_s=cycles, fit_s=fits, ratio=sum(cycles) / sum(fits),
+                overhead_per_trial_s=(sum(cycles) - sum(fits)) / n,
+                ab=dict(direct_fit_s=direct[1:], trial_s=ab,
+                        median_ratio=statistics.median(ab) / statistics.median(direct[1:])))
 
 
 def pruning(work: Path, data: Path, n: int) -> dict:
@@ -162,11 +206,12 @@ def main() -> None:
     os.environ["SPINESWEEP_CACHE"] = str(work / "cache")
     rows, extra = [], {}
     if "overhead" in args.only:
-        direct, in_study = overhead(work, data, 4)
-        extra["overhead"] = dict(direct_fit_s=direct, trial_s=in_study)
-        rows.append(dict(what="seconds per trial, in a study (Optuna + MLflow) vs fit() alone", baseline=f"{direct:.1f}",
-                         value=f"{in_study:.1f}", ratio=in_study / direct, goal="<= 1.03x",
-                         met=in_study / direct <= 1.03))
+        o = overhead(work, data, 5)
+        extra["overhead"] = o
+        fit_s, cycle_s = sum(o["fit_s"]) / len(o["fit_s"]), sum(o["cycle_s"]) / len(o["cycle_s"])
+        rows.append(dict(what="seconds per trial: its whole cycle in a study (Optuna + MLflow) vs training "
+                         "inside fit(), the same 5 trials", baseline=f"{fit_s:.2f}", value=f"{cycle_s:.2f}",
+                         ratio=o["ratio"], goal="<= 1.03x", met=o["ratio"] <= 1.03))
     if "pruning" in args.only:
         p = pruning(work, data, args.trials)
         extra["pruning"] = p
