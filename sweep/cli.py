@@ -274,6 +274,7 @@ def cmd_dashboard(args) -> int:
 
     from dashboards.report import write_report
 
+    from .stores import sqlite_path
     from .study import DEFAULT_STORAGE, make_storage
     from .tracking import Tracker, default_tracking_uri, redact
 
@@ -285,7 +286,8 @@ def cmd_dashboard(args) -> int:
     study = optuna.load_study(study_name=args.study, storage=storage)
     uri = args.tracking_uri or default_tracking_uri()
     client = None
-    if not uri.startswith("sqlite:///") or Path(uri[len("sqlite:///"):]).exists():
+    db = sqlite_path(uri)
+    if db is None or db.exists():
         client = Tracker(uri).client
     out = Path(args.out or f"dashboards/{check_study_name(args.study)}.html")
     summary = write_report(study, out, client=client, tracking_uri=redact(uri))
@@ -407,10 +409,12 @@ def cmd_reproduce(args) -> int:
 def cmd_ui(args) -> int:
     import subprocess
 
+    from .stores import sqlite_path
     from .tracking import default_tracking_uri, redact
 
     uri = args.tracking_uri or default_tracking_uri()
-    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
+    db = sqlite_path(uri)
+    if db is not None and not db.exists():
         raise UserError(f"no tracking store at {uri}: run a study first (e.g. optuna-run demo)")
     print(f"MLflow UI on http://{args.host}:{args.port} (store {redact(uri)}); Ctrl-C stops it", flush=True)
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host,

@@ -105,8 +105,6 @@ def run_trial(trial: optuna.Trial, space: SearchSpace, ctx: TrialContext, tracke
         from trainer.fit import fit as fit_fn
 
     base = TrainConfig().with_overrides(ctx.base_overrides)
-    if worker.get("device", "auto") != "auto" and "device" not in ctx.caps:  # --set device=... wins
-        base = base.with_overrides({"device": worker["device"]})
     system_attrs = trial.study._storage.get_trial_system_attrs(trial._trial_id)
     run_name = f"{space.name}-t{trial.number}"
     run_id = tracker.start_run(ctx.experiment_id, run_name, parent_run_id=ctx.parent_run_id, tags={

@@ -13,6 +13,7 @@ and its MLflow run is closed as FAILED.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import signal
 import sys
@@ -86,14 +87,11 @@ class TrialQuota:
     serialises "count, then ask" across processes."""
 
     def __init__(self, storage_url: str, study_name: str):
-        from .stores import normalize_db_url
+        from .stores import normalize_db_url, sqlite_path
 
         self.url, self.study_name = normalize_db_url(storage_url), study_name
-        if storage_url.startswith("sqlite:///"):
-            db = Path(storage_url[len("sqlite:///"):])
-            self.lock_path = db.with_name(f".{db.name}.{study_name}.lock")
-        else:
-            self.lock_path = Path(f".spinesweep.{study_name}.lock")
+        db = sqlite_path(storage_url)
+        self.lock_path = db.with_name(f".{db.name}.{study_name}.lock") if db else Path(f".spinesweep.{study_name}.lock")
 
     @contextlib.contextmanager
     def lock(self, storage: RDBStorage | None = None):
@@ -152,13 +150,18 @@ def worker_loop(ctx: TrialContext, n_trials: int, deadline: float | None, spec: 
                               pruner=space.make_pruner())
     quota = TrialQuota(ctx.storage_url, ctx.study_name)
     tracker = Tracker(ctx.tracking_uri)
-    worker = {"name": spec.name, "device": spec.device, "gpu": spec.gpu}
+    if spec.device != "auto" and "device" not in ctx.caps:  # the worker's device, unless --set device=...
+        ctx = dataclasses.replace(ctx, base_overrides={**ctx.base_overrides, "device": spec.device})
+    worker = {"name": spec.name, "gpu": spec.gpu}
     try:
         return _loop(study, storage, quota, tracker, space, ctx, worker, n_trials, deadline, spec, started, fit_fn)
     except STORAGE_ERRORS as e:  # between trials (ask, count, tell)
-        raise StudyError(f"storage {redact(ctx.storage_url)} unreachable: {type(e).__name__}: "
-                         f"{redact(str(e).splitlines()[0])}; the study stopped (resume it with --resume once "
-                         "the storage is back)") from None
+        raise StudyError(_unreachable(ctx.storage_url, e)) from None
+
+
+def _unreachable(url: str, error: Exception) -> str:
+    return (f"storage {redact(url)} unreachable: {type(error).__name__}: {redact(str(error).splitlines()[0])}; "
+            "the study stopped (resume it with --resume once the storage is back)")
 
 
 @contextlib.contextmanager
@@ -226,7 +229,7 @@ def _storage_lost(trial: optuna.Trial, tracker: Tracker, url: str, error: Except
     """The Optuna storage stopped answering mid-study: close the trial's MLflow run and stop with
     one clear line (the trial itself is failed by the heartbeat once the storage is back, and
     retried by --resume)."""
-    reason = f"storage {redact(url)} unreachable: {type(error).__name__}: {redact(str(error).splitlines()[0])}"
+    reason = _unreachable(url, error)
     run_id = None
     with contextlib.suppress(Exception):
         run_id = trial.user_attrs.get("mlflow_run_id")
@@ -240,7 +243,7 @@ def _storage_lost(trial: optuna.Trial, tracker: Tracker, url: str, error: Except
         with contextlib.suppress(Exception):
             tracker.set_tags(run_id, {"error": reason[:5000]})
             tracker.end_run(run_id, "FAILED")
-    raise StudyError(reason + "; the study stopped (resume it with --resume once the storage is back)") from None
+    raise StudyError(reason) from None
 
 
 def _interrupted(study: optuna.Study, trial: optuna.Trial, tracker: Tracker) -> None:
