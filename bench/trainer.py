@@ -23,10 +23,12 @@ from torch.utils.data import DataLoader  # noqa: E402
 
 from bench.common import write  # noqa: E402
 from trainer.config import TrainConfig  # noqa: E402
-from trainer.data.cache import SampleStore, data_fingerprint, default_cache_dir  # noqa: E402
+from trainer.data.cache import data_fingerprint, default_cache_dir  # noqa: E402
 from trainer.data.crops import CropSpec  # noqa: E402
 from trainer.data.dataset import SpineDataset  # noqa: E402
 from trainer.data.layout import Layout  # noqa: E402
+from trainer.data.samples import SampleSource  # noqa: E402
+from trainer.data.volumes import VolumeStore  # noqa: E402
 from trainer.fit import _split, fit  # noqa: E402
 from trainer.models import build_model  # noqa: E402
 
@@ -42,8 +44,8 @@ def bare_loop(cfg: TrainConfig, epochs: int) -> float:
     cache = default_cache_dir(cfg.data.cache_dir)
     train_ids, _ = _split(layout, cfg, cache, data_fingerprint(layout))
     spec = CropSpec.from_config(cfg.data)
-    store = SampleStore(layout, spec, cache)
-    store.ensure(train_ids)
+    store = SampleSource(layout, spec, VolumeStore(cache))
+    store.prepare(train_ids)
     ds = SpineDataset(store, train_ids, cfg.data.conditions, cfg.data.normalize)
     dl = DataLoader(ds, batch_size=cfg.optim.batch_size, shuffle=True, drop_last=True)
     model = build_model(cfg.model, spec.n_slices, len(cfg.data.conditions))

@@ -76,12 +76,12 @@ def cmd_make_phantom(args) -> int:
 
     t0 = time.perf_counter()
     summary = make_phantom(Path(args.dir), studies=args.studies, test_studies=args.test_studies,
-                           seed=args.seed, jobs=args.jobs)
+                           seed=args.seed, jobs=args.jobs, scale=args.scale, progress=not args.json)
     summary["seconds"] = round(time.perf_counter() - t0, 2)
     print(json.dumps(summary) if args.json else
-          f"phantom dataset in {args.dir}: {summary['studies']} train + {summary['test_studies']} test "
-          f"studies, {summary['series']} series, {summary['points']} labelled points, "
-          f"grades {summary['grades']} ({summary['seconds']} s)")
+          f"phantom dataset ({args.scale}) in {args.dir}: {summary['studies']} train + {summary['test_studies']} test "
+          f"studies, {summary['series']} series, {summary['files']} DICOM files ({summary['bytes'] / 2**20:.0f} MB), "
+          f"{summary['points']} labelled points, grades {summary['grades']} ({summary['seconds']} s)")
     return 0
 
 
@@ -90,9 +90,16 @@ def cmd_data_check(args) -> int:
     from trainer.data.check import check_data
     from trainer.data.crops import CropSpec
 
+    from trainer.data.volumes import cache_budget, parse_size
+
     data = ensure_data(args.data)
     spec = CropSpec.from_config(DataConfig(data_dir=str(data)))
-    summary = check_data(data, spec, cache_dir=args.cache_dir or "", progress=not args.json)
+    try:
+        budget = parse_size(args.cache_budget) if args.cache_budget else cache_budget()
+    except ValueError as e:
+        raise UserError(f"--cache-budget: {e}") from None
+    summary = check_data(data, spec, cache_dir=args.cache_dir or "", progress=not args.json,
+                         jobs=args.jobs, budget=budget)
     if args.json:
         print(json.dumps(summary, indent=2))
         return 0
@@ -104,8 +111,9 @@ def cmd_data_check(args) -> int:
         print(f"    {reason}: e.g. {example}")
     if summary["fallbacks"]:
         print(f"  {'fallbacks':<18} {summary['fallbacks']}")
-    print(f"  built {summary['studies_built']} studies, {summary['studies_from_cache']} from cache, "
-          f"{summary['seconds']} s")
+    print(f"  decoded {summary['series_decoded']} series ({summary['decode_jobs']} processes, "
+          f"{summary['decode_seconds']} s), {summary['series_from_cache']} from cache; cache "
+          f"{summary['cache_bytes'] / 2**30:.2f} of {summary['cache_budget'] / 2**30:.0f} GiB; {summary['seconds']} s")
     return 0
 
 
@@ -167,7 +175,7 @@ def cmd_study(args) -> int:
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress lines below say it all
 
     space = load_space(args.space)  # validates everything before any trial starts
-    workers = plan_workers(args.gpus, args.workers)
+    workers = plan_workers(args.gpus, args.workers, args.trials_per_gpu)
     overrides = dict(space.fixed)
     caps = {**SMOKE, **space.smoke} if args.smoke else {}
     caps.update(parse_overrides(args.set or []))  # what the user pins is never sampled
@@ -467,6 +475,10 @@ def build_parser() -> argparse.ArgumentParser:
     mp.add_argument("--test-studies", type=int, default=DEFAULT_PHANTOM["test_studies"])
     mp.add_argument("--seed", type=int, default=DEFAULT_PHANTOM["seed"])
     mp.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="processes (default: all cores)")
+    mp.add_argument("--scale", choices=["small", "real"], default="small",
+                    help="small (default): 192-288 px, a few RLE files, fast on a CPU; real: the competition's "
+                         "sizes (384-640 px, 13-21 sagittal slices, 1-3 axial series of mostly 15-50 slices, "
+                         "every file RLE lossless 12-bit)")
     mp.add_argument("--json", action="store_true")
     mp.set_defaults(func=cmd_make_phantom)
 
@@ -475,6 +487,11 @@ def build_parser() -> argparse.ArgumentParser:
     dc = dsub.add_parser("check", help="build every crop and report failures by reason")
     dc.add_argument("--data", help="RSNA-format folder (default: the phantom, built on first use)")
     dc.add_argument("--cache-dir", help="cache folder (default: $SPINESWEEP_CACHE or ~/.cache/spinesweep)")
+    dc.add_argument("--cache-budget", metavar="SIZE",
+                    help="disk budget of the volume cache, e.g. 200GB; least recently used series are evicted "
+                         "beyond it (default: $SPINESWEEP_CACHE_BUDGET or 64GB; trials: data.cache_budget_gb)")
+    dc.add_argument("--jobs", type=int, default=len(os.sched_getaffinity(0)),
+                    help="processes that decode DICOM series not cached yet (default: every core)")
     dc.add_argument("--json", action="store_true")
     dc.set_defaults(func=cmd_data_check)
 
@@ -574,7 +591,10 @@ def build_study_parser() -> argparse.ArgumentParser:
     p.add_argument("--storage", help="Optuna storage URL (default: sqlite:///studies.db)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: SQLite under mlruns/)")
     p.add_argument("--timeout", type=float, help="stop asking for trials after this many seconds")
-    p.add_argument("--gpus", help="one worker process per GPU id, e.g. 0,1,2,3")
+    p.add_argument("--gpus", help="one worker process per GPU id, e.g. 0,1,2,3 (repeat an id for several: 0,0,1,1)")
+    p.add_argument("--trials-per-gpu", type=int, metavar="K",
+                   help="K concurrent trials on each GPU of --gpus (default: every visible GPU); "
+                        "small models leave a large GPU mostly idle with one")
     p.add_argument("--workers", type=int, help="CPU worker processes (threads split between them)")
     p.add_argument("--smoke", action="store_true", help="caps for a quick check: 1 epoch, tiny images and model")
     p.add_argument("--set", action="append", metavar="key=value", help="override a config value (repeatable)")

@@ -115,6 +115,7 @@ def run_trial(trial: optuna.Trial, space: SearchSpace, ctx: TrialContext, tracke
     })
     trial.set_user_attr("mlflow_run_id", run_id)
     trial.set_user_attr("worker", worker.get("name", "0"))
+    tracker.start_system_metrics(run_id)  # stopped by tracker.end_run, whatever the trial's end
     t0 = time.perf_counter()
     artifacts = Path(tempfile.mkdtemp(prefix=f"spinesweep-t{trial.number}-artifacts-"))
     try:

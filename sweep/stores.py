@@ -8,10 +8,11 @@ file, a PostgreSQL advisory lock on the database itself.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import importlib.util
 import zlib
 from pathlib import Path
+
+from trainer.data.cache import file_lock  # noqa: F401  (one file lock for caches and stores)
 
 
 def normalize_db_url(url: str) -> str:
@@ -27,17 +28,6 @@ def sqlite_path(url: str) -> Path | None:
     if url.startswith("sqlite:///"):
         return Path(url[len("sqlite:///"):])
     return None
-
-
-@contextlib.contextmanager
-def file_lock(path: Path):
-    """An exclusive lock on a file, for processes on one host."""
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 @contextlib.contextmanager

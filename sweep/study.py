@@ -296,21 +296,43 @@ def gpu_ids_available() -> list[str]:
     return [line.strip() for line in r.stdout.splitlines() if line.strip()] if r.returncode == 0 else []
 
 
-def plan_workers(gpus: str | None, workers: int | None) -> list[WorkerSpec]:
+def plan_workers(gpus: str | None, workers: int | None, trials_per_gpu: int | None = None,
+                 available: list[str] | None = None) -> list[WorkerSpec]:
+    """The worker processes of a study. `--gpus 0,1` one per GPU; `--trials-per-gpu K` K on each
+    (every visible GPU when --gpus is not given), as does repeating an id (`--gpus 0,0,1,1`);
+    `--workers K` K CPU processes; none of them one worker in this process. Cores are split
+    evenly between workers (their torch threads, which also size their DataLoaders)."""
+    if workers is not None and (gpus or trials_per_gpu):
+        raise StudyError("--workers (CPU processes) and --gpus/--trials-per-gpu exclude each other")
+    if trials_per_gpu is not None and trials_per_gpu < 1:
+        raise StudyError(f"--trials-per-gpu must be >= 1, got {trials_per_gpu}")
+    have = gpu_ids_available() if available is None else available
+    if trials_per_gpu and not gpus:
+        if not have:
+            raise StudyError(f"--trials-per-gpu {trials_per_gpu}: this machine has no GPU (nvidia-smi finds none); "
+                             "for several trials at once on the CPU use --workers K")
+        gpus = ",".join(have)
+    cores = len(os.sched_getaffinity(0))
     if gpus:
         wanted = [g.strip() for g in gpus.split(",") if g.strip()]
-        have = gpu_ids_available()
-        missing = [g for g in wanted if g not in have]
+        missing = sorted({g for g in wanted if g not in have})
         if missing:
             raise StudyError(f"--gpus {gpus}: no GPU with id {', '.join(missing)} on this machine "
                              f"(found: {', '.join(have) or 'none'})")
-        threads = max(1, (os.cpu_count() or 1) // len(wanted))
-        return [WorkerSpec(i, f"gpu{g}", "cuda", g, threads) for i, g in enumerate(wanted)]
+        slots = [g for g in wanted for _ in range(trials_per_gpu or 1)]
+        threads = max(1, cores // len(slots))
+        seen: dict[str, int] = {}
+        specs = []
+        for i, g in enumerate(slots):
+            seen[g] = seen.get(g, 0) + 1
+            shared = slots.count(g) > 1
+            specs.append(WorkerSpec(i, f"gpu{g}" + (f".{seen[g]}" if shared else ""), "cuda", g, threads))
+        return specs
     if workers is None:  # one worker in this process, on the GPU if one is visible (TrainConfig.device)
-        return [WorkerSpec(0, "main", "auto", None, os.cpu_count() or 1)]
+        return [WorkerSpec(0, "main", "auto", None, cores)]
     if workers < 1:
         raise StudyError(f"--workers must be >= 1, got {workers}")
-    threads = max(1, (os.cpu_count() or 1) // workers)
+    threads = max(1, cores // workers)
     return [WorkerSpec(i, f"cpu{i}", "cpu", None, threads) for i in range(workers)]
 
 

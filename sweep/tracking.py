@@ -8,6 +8,7 @@ experiment and the parent run once; workers only attach.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import time
@@ -60,6 +61,7 @@ class Tracker:
 
         tracking_uri = normalize_db_url(tracking_uri or default_tracking_uri())
         self.uri = tracking_uri
+        self._monitors: dict = {}
         if tracking_uri.startswith(("sqlite:", "postgresql")):
             # a database store is created (migrated) when the client is made: once, under a lock
             # every launcher sees, or two creating it at once crash
@@ -135,7 +137,32 @@ class Tracker:
         items = [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None]
         _retry(self.client.log_batch, run_id, metrics=items)
 
+    def start_system_metrics(self, run_id: str, interval: float = 5.0) -> None:
+        """MLflow's own system metrics (``system/cpu_utilization_percentage``,
+        ``system/gpu_0_utilization_percentage``, memory, disk, network) for the run, sampled every
+        `interval` seconds (``MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL`` overrides) until `end_run`.
+        GPU figures need nvidia-ml-py and a GPU; NVML numbers the machine's GPUs (the run's `device`
+        tag says which one it used)."""
+        import logging
+
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # no start/stop lines
+        monitor = SystemMetricsMonitor(run_id, sampling_interval=interval, tracking_uri=self.uri)
+        monitor.start()
+        self._monitors[run_id] = monitor
+
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
+        monitor = self._monitors.pop(run_id, None)
+        if monitor is not None:  # its last samples go in while the run is still open
+            monitor.finish()
+            # samples taken since the last logging step (all of them, in a run shorter than one
+            # interval) are logged too, so every run has its system metrics
+            with contextlib.suppress(Exception):
+                last = monitor.aggregate_metrics()
+                if last:
+                    monitor.publish_metrics(last)
+                    monitor.mlflow_logger.flush()
         _retry(self.client.set_terminated, run_id, status)
 
     def get_run(self, run_id: str):

@@ -1,3 +1,4 @@
+import os
 import shutil
 
 import numpy as np
@@ -6,11 +7,13 @@ import pytest
 
 from trainer.config import DataConfig
 from trainer.data import cache as cache_mod
-from trainer.data import dicom as dicom_mod
-from trainer.data.cache import SampleStore, VolumeCache, data_fingerprint
+from trainer.data import volumes as volumes_mod
+from trainer.data.cache import data_fingerprint
 from trainer.data.crops import CropSpec, crop_resize, crop_stack
 from trainer.data.dicom import read_series
 from trainer.data.layout import Layout
+from trainer.data.samples import SampleSource
+from trainer.data.volumes import SeriesRef, VolumeStore
 
 
 
@@ -56,12 +59,16 @@ def test_neighbour_slices_follow_the_patient_point(tmp_path):
     np.testing.assert_array_equal(stack[0], stack[1])
 
 
+def source(layout, root, **kw) -> SampleSource:
+    return SampleSource(layout, spec(**kw), VolumeStore(root))
+
+
 def test_study_crops_put_every_labelled_point_at_its_centre(layout):
     """Crops from the phantom: at every labelled point, the crop centre equals the DICOM pixel."""
-    s = spec(img_size=33, sag_t2_slices=1, sag_t1_slices=1, axial_slices=1, window_ratio=0.02)
-    store = SampleStore(layout, s, cache_mod.default_cache_dir() / "centre")
+    src = source(layout, cache_mod.default_cache_dir() / "centre", img_size=33, sag_t2_slices=1, sag_t1_slices=1,
+                 axial_slices=1, window_ratio=0.02)
     sid = layout.study_ids[0]
-    crops = store.build(sid)
+    crops = src.study_crops(sid)
     assert crops.images.shape == (5, 4, 33, 33)
     c = layout.coordinates[(layout.coordinates.study_id == sid)
                            & (layout.coordinates.condition == "spinal_canal_stenosis")]
@@ -89,9 +96,9 @@ def test_missing_series_point_and_instance_degrade_one_block(phantom_copy):
     coords.loc[scs & (coords.level == "L2/L3"), "x"] = 5000.0  # outside the image
     coords.to_csv(phantom_copy / "train_label_coordinates.csv", index=False)
     layout = Layout(phantom_copy)
-    store = SampleStore(layout, spec(), phantom_copy / "cache")
+    src = source(layout, phantom_copy / "cache")
     with pytest.warns(UserWarning) as rec:
-        crops = store.build(sid)
+        crops = src.study_crops(sid)
     messages = " | ".join(str(w.message) for w in rec)
     assert f"study {sid} series {series['Sagittal T1'][0]}" in messages and "not found" in messages
     assert "instance 999999 not found" in messages and "outside the image" in messages
@@ -105,71 +112,90 @@ def test_missing_series_point_and_instance_degrade_one_block(phantom_copy):
     assert crops.present[:, 3].sum() >= 4  # axial untouched
 
 
-def test_cache_keys_follow_the_preprocessing_fields():
-    base = spec()
-    assert spec().key() == base.key()
-    for change in (dict(window_ratio=0.2), dict(img_size=64), dict(sag_t2_slices=3),
-                   dict(axial_window_ratio=0.3), dict(conditions=("spinal_canal_stenosis",))):
-        assert spec(**change).key() != base.key(), change
-    # fields that do not change pixels do not change the key
-    assert spec(fold=2, n_folds=5, normalize="standardize").key() == base.key()
-
-
-def test_second_pass_decodes_nothing_and_a_new_window_decodes_no_dicom(phantom_copy, monkeypatch):
+def test_a_new_window_or_slice_count_decodes_nothing_and_adds_no_bytes(phantom_copy, monkeypatch):
     layout = Layout(phantom_copy)
     root = phantom_copy / "cache"
     calls = []
-    real = dicom_mod.read_series
-    monkeypatch.setattr(cache_mod, "read_series", lambda d: calls.append(d) or real(d))
+    real = volumes_mod.read_series
+    monkeypatch.setattr(volumes_mod, "read_series", lambda d: calls.append(d) or real(d))
     ids = layout.study_ids[:3]
-    r1 = SampleStore(layout, spec(), root).ensure(ids)
-    assert (r1.built, r1.reused) == (3, 0) and len(calls) == 9
-    r2 = SampleStore(layout, spec(), root).ensure(ids)
-    assert (r2.built, r2.reused) == (0, 3) and len(calls) == 9
-    r3 = SampleStore(layout, spec(window_ratio=0.2, img_size=48), root).ensure(ids)
-    assert r3.built == 3 and len(calls) == 9  # re-cropped from cached volumes
+    r1 = source(layout, root).prepare(ids)
+    assert (r1.decoded, r1.reused) == (9, 0) and len(calls) == 9  # three series per study
+    size = VolumeStore(root).usage()
+    r2 = source(layout, root).prepare(ids)
+    assert (r2.decoded, r2.reused) == (0, 9) and len(calls) == 9
+    for change in (dict(window_ratio=0.2, img_size=48), dict(sag_t2_slices=7, axial_slices=5)):
+        src = source(layout, root, **change)
+        r3 = src.prepare(ids)
+        images, present = src.sample(ids[0], 2)
+        assert r3.decoded == 0 and len(calls) == 9 and present.any()
+        assert images.shape == (src.spec.n_slices, src.spec.img_size, src.spec.img_size)
+    assert VolumeStore(root).usage() == size
+
+
+def test_only_the_series_a_spec_cuts_from_are_decoded(phantom_copy):
+    layout = Layout(phantom_copy)
+    sid = layout.study_ids[0]
+    report = source(layout, phantom_copy / "cache", conditions=("spinal_canal_stenosis",)).prepare([sid])
+    assert report.decoded == 1  # Sagittal T2/STIR only
+    report = source(layout, phantom_copy / "cache").prepare([sid], every_series=True)
+    assert report.decoded == 2
 
 
 def test_changed_data_or_corrupt_entries_are_rebuilt(phantom_copy):
     layout = Layout(phantom_copy)
-    root = phantom_copy / "cache"
-    store = SampleStore(layout, spec(), root)
+    store = VolumeStore(phantom_copy / "cache")
     sid = layout.study_ids[0]
-    store.ensure([sid])
-    npy = store.dir / f"{sid}.npy"
+    series = layout.series_of(sid)["Sagittal T2/STIR"][0]
+    ref = SeriesRef(sid, series, layout.series_dir(sid, series))
+    good = np.concatenate([im.ravel() for im in store.open(ref).images]).copy()
+    npy, meta, _ = store.paths(sid, series)
     npy.write_bytes(npy.read_bytes()[:100])  # truncated entry on disk
-    with pytest.warns(UserWarning, match="corrupt cache entry"):
-        assert store.ensure([sid]).built == 1
-    # a moved labelled point changes the study key
-    key = store.study_key(sid)
-    coords = pd.read_csv(phantom_copy / "train_label_coordinates.csv")
-    coords.loc[coords.study_id == sid, "x"] += 1
-    coords.to_csv(phantom_copy / "train_label_coordinates.csv", index=False)
-    assert SampleStore(Layout(phantom_copy), spec(), root).study_key(sid) != key
-    # corrupt volume entry: rebuilt with a warning
-    vc = VolumeCache(root)
-    series = next(iter(layout.series_of(sid).values()))[0]
-    entry = vc.root / str(sid) / f"{series}.npz"
-    entry.write_bytes(b"garbage")
     with pytest.warns(UserWarning, match="corrupt cache entry rebuilt"):
-        vol = vc.load(layout.series_dir(sid, series), sid, series)
-    assert len(vol) > 5
+        vol = VolumeStore(phantom_copy / "cache").open(ref)
+    np.testing.assert_array_equal(np.concatenate([im.ravel() for im in vol.images]), good)
+    meta.write_text("{garbage")
+    with pytest.warns(UserWarning, match="corrupt cache entry rebuilt"):
+        assert VolumeStore(phantom_copy / "cache").ensure(ref)
+    # a changed DICOM file changes the entry's key: rebuilt
+    f = next(ref.folder.glob("*.dcm"))
+    f.write_bytes(f.read_bytes())
+    os.utime(f, ns=(1, 1))
+    assert VolumeStore(phantom_copy / "cache").ensure(ref)
+    assert not VolumeStore(phantom_copy / "cache").ensure(ref)
 
 
 def test_interrupted_write_leaves_no_entry(phantom_copy, monkeypatch):
     layout = Layout(phantom_copy)
-    store = SampleStore(layout, spec(), phantom_copy / "cache")
+    store = VolumeStore(phantom_copy / "cache")
     sid = layout.study_ids[0]
+    series = layout.series_of(sid)["Sagittal T1"][0]
+    ref = SeriesRef(sid, series, layout.series_dir(sid, series))
 
     def disk_full(path, data):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(cache_mod, "atomic_write_bytes", disk_full)
-    with pytest.warns(UserWarning, match="volume not cached"), pytest.raises(OSError, match="No space left"):
-        store.ensure([sid])
+    monkeypatch.setattr(volumes_mod, "atomic_write_bytes", disk_full)
+    with pytest.raises(OSError, match=f"cannot write study {sid} series {series}.*No space left"):
+        store.ensure(ref)
     monkeypatch.undo()
-    assert store.load(sid) is None  # nothing half-written is trusted
-    assert store.ensure([sid]).built == 1
+    assert not store.cached(ref)  # nothing half-written is trusted
+    assert store.ensure(ref) and store.cached(ref)
+
+
+def test_a_series_with_no_readable_file_is_remembered_not_retried(phantom_copy, monkeypatch):
+    layout = Layout(phantom_copy)
+    sid = layout.study_ids[0]
+    series = layout.series_of(sid)["Axial T2"][0]
+    ref = SeriesRef(sid, series, layout.series_dir(sid, series))
+    for f in ref.folder.glob("*.dcm"):
+        f.write_bytes(b"not a dicom file")
+    store = VolumeStore(phantom_copy / "cache")
+    with pytest.warns(UserWarning, match="unreadable DICOM slice skipped"):
+        assert store.ensure(ref)
+    monkeypatch.setattr(volumes_mod, "read_series", lambda d: pytest.fail("decoded again"))
+    with pytest.raises(FileNotFoundError, match="no readable DICOM file"):
+        store.open(ref)
 
 
 def test_data_fingerprint_is_content_based(phantom_dir, phantom_copy):

@@ -4,8 +4,10 @@ import pytest
 import torch
 
 from trainer.config import DataConfig
-from trainer.data.cache import SampleStore, data_fingerprint
+from trainer.data.cache import data_fingerprint
 from trainer.data.crops import CropSpec
+from trainer.data.samples import SampleSource
+from trainer.data.volumes import VolumeStore
 from trainer.data.dataset import SpineDataset
 from trainer.data.folds import load_folds, make_folds
 from trainer.data.layout import CONDITIONS
@@ -53,9 +55,9 @@ def test_folds_are_saved_and_reused(layout, tmp_path):
 
 def test_dataset_items_and_empty_labels(layout, tmp_path):
     cfg = DataConfig(img_size=24, sag_t2_slices=3, sag_t1_slices=2, axial_slices=1)
-    store = SampleStore(layout, CropSpec.from_config(cfg), tmp_path)
+    store = SampleSource(layout, CropSpec.from_config(cfg), VolumeStore(tmp_path))
     ids = layout.study_ids[:4]
-    store.ensure(ids)
+    store.prepare(ids)
     ds = SpineDataset(store, ids, conditions=CONDITIONS)
     assert len(ds) == 4 * 5
     item = ds[0]
@@ -70,3 +72,8 @@ def test_dataset_items_and_empty_labels(layout, tmp_path):
     assert abs(float(std.mean())) < 1e-4 and abs(float(std.std()) - 1) < 1e-3
     flip = SpineDataset(store, ids, transform=lambda image: {"image": image[:, ::-1]})
     torch.testing.assert_close(flip[0]["image"], ds[0]["image"].flip(-1))
+    # crop jitter moves and scales the window: other pixels, same shape, same targets
+    np.random.seed(0)
+    jit = SpineDataset(store, ids, crop_shift=0.3, crop_scale=0.3)[0]
+    assert jit["image"].shape == item["image"].shape and not torch.equal(jit["image"], item["image"])
+    assert torch.equal(jit["target"], item["target"])

@@ -74,6 +74,10 @@ def test_a_study_logs_every_trial_to_mlflow(phantom_dir, workdir, capsys):
         assert [m.step for m in history] == list(range(1, len(history) + 1))
         for m in ("train_loss", "score", "loss_spinal", "lr", "seconds"):
             assert client.get_metric_history(r.info.run_id, m), m
+        # MLflow's own system metrics, so an idle GPU (or a starved CPU) shows in the UI
+        assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(r.data.metrics)
+        if torch.cuda.is_available():
+            assert any(k.startswith("system/gpu_") and k.endswith("utilization_percentage") for k in r.data.metrics)
         artifacts = {a.path for a in client.list_artifacts(r.info.run_id)}
         if t.state == optuna.trial.TrialState.COMPLETE:
             assert r.info.status == "FINISHED" and r.data.metrics["score"] == pytest.approx(t.value)
@@ -117,6 +121,8 @@ def test_runs_table_and_reproduce(phantom_dir, workdir, capsys):
 @pytest.mark.parametrize("argv,message", [
     (["scs_head"], "unknown search space 'scs_head'; did you mean scs_heads"),
     (["demo", "--gpus", "7"], "--gpus 7: no GPU with id 7"),
+    (["demo", "--trials-per-gpu", "0"], "--trials-per-gpu must be >= 1"),
+    (["demo", "--workers", "2", "--trials-per-gpu", "2"], "--workers (CPU processes) and --gpus/--trials-per-gpu"),
     (["demo", "--storage", "postgresql://u:secret@127.0.0.1:1/none"], "storage postgresql://u:***@127.0.0.1:1/none cannot be opened"),
     (["demo", "--set", "optim.lrr=1"], "optim.lrr: unknown config key"),
     (["demo", "--study-name", "../../etc/x"], "study name '../../etc/x': use letters, digits"),
@@ -153,6 +159,38 @@ def test_a_heartbeat_that_meets_a_dead_storage_is_not_a_thread_traceback(monkeyp
         time.sleep(0.1)
     assert storage.beats >= 2  # it kept trying (the storage may come back) ...
     assert crashed == []  # ... and never printed a traceback from its thread
+
+
+def test_trials_per_gpu_plans_k_workers_per_device():
+    from sweep.study import StudyError, plan_workers
+
+    specs = plan_workers("0,1", None, 2, available=["0", "1", "2"])
+    assert [(w.name, w.gpu, w.device) for w in specs] == [
+        ("gpu0.1", "0", "cuda"), ("gpu0.2", "0", "cuda"), ("gpu1.1", "1", "cuda"), ("gpu1.2", "1", "cuda")]
+    assert len({w.index for w in specs}) == 4  # each its own sampler seed
+    assert [w.name for w in plan_workers("0,0,1", None, None, available=["0", "1"])] == ["gpu0.1", "gpu0.2", "gpu1"]
+    assert [w.gpu for w in plan_workers(None, None, 3, available=["0", "1"])] == ["0"] * 3 + ["1"] * 3
+    with pytest.raises(StudyError, match="--trials-per-gpu 2: this machine has no GPU"):
+        plan_workers(None, None, 2, available=[])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without a GPU")
+def test_trials_per_gpu_on_a_machine_without_gpus_is_one_line(workdir, capsys, phantom_dir):
+    assert main(["demo", "--trials-per-gpu", "2", "--data", str(phantom_dir)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--trials-per-gpu 2: this machine has no GPU" in err
+    assert not (workdir / "mlruns").exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on a GPU machine)")
+def test_two_trials_share_one_gpu_and_the_quota_stays_exact(phantom_dir, workdir):
+    assert main(["demo", "--smoke", "--n-trials", "4", "--gpus", "0", "--trials-per-gpu", "2",
+                 "--data", str(phantom_dir)]) == 0
+    s = study("demo-smoke")
+    assert len(s.trials) == 4 and len({t.number for t in s.trials}) == 4
+    runs = child_runs("demo-smoke")
+    assert {r.data.tags["worker"] for r in runs} <= {"gpu0.1", "gpu0.2"}
+    assert {r.data.tags["device"] for r in runs} == {"cuda:0"}
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on a GPU machine)")

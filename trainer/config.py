@@ -17,12 +17,11 @@ from typing import Any, Literal
 
 import yaml
 
-from .data.layout import CONDITIONS, PLANE_OF_CONDITION
+from .data.layout import CONDITIONS, PLANE_OF_CONDITION, PLANE_OF_SERIES
 
 PLANES = ("sag_t2", "sag_t1", "axial")
-_PLANE_OF_SERIES = {"Sagittal T2/STIR": "sag_t2", "Sagittal T1": "sag_t1", "Axial T2": "axial"}
 # which plane shows each condition (crop blocks are built only for the planes needed)
-PLANE_FOR_CONDITION = {c: _PLANE_OF_SERIES[s] for c, s in PLANE_OF_CONDITION.items()}
+PLANE_FOR_CONDITION = {c: PLANE_OF_SERIES[s] for c, s in PLANE_OF_CONDITION.items()}
 
 
 class ConfigError(ValueError):
@@ -46,6 +45,7 @@ class DataConfig:
     folds_seed: int = 42
     max_studies: int = 0  # 0: all; a cap for smoke runs
     cache_dir: str = ""  # empty: $SPINESWEEP_CACHE or ~/.cache/spinesweep
+    cache_budget_gb: float = 0.0  # the volume cache's disk budget; 0: $SPINESWEEP_CACHE_BUDGET or 64 GiB
 
     def used_planes(self) -> tuple[str, ...]:
         if self.planes:
@@ -89,6 +89,8 @@ class AugmentConfig:
     ops: tuple[dict, ...] = ()  # [{name: HorizontalFlip, p: 0.5, ...}]: replaces the preset when given
     mixup_alpha: float = 0.0
     mixup_p: float = 0.0
+    crop_shift: float = 0.0  # training crops' centres move by up to this fraction of the half side
+    crop_scale: float = 0.0  # training crops' windows scale by a factor in [1 - s, 1 + s]
 
 
 @dataclass(frozen=True)
@@ -100,7 +102,7 @@ class TrainConfig:
     seed: int = 42
     device: str = "auto"  # auto / cpu / cuda / cuda:N
     amp: bool = True  # used on CUDA only
-    num_workers: int = 0
+    num_workers: int = -1  # DataLoader workers; -1: auto (CUDA: this process's core share - 1, at most 8; CPU: 0)
     select_by: Literal["score", "loss"] = "score"
     output_dir: str = ""  # where checkpoints go; empty: a temporary folder per run
 
@@ -322,6 +324,8 @@ def _validate(obj, prefix: str) -> None:
         for k in ("sag_t1_slices", "sag_t2_slices", "axial_slices", "img_size", "n_folds"):
             if getattr(obj, k) < 1:
                 raise ConfigError(f"{prefix}{k}: must be >= 1, got {getattr(obj, k)}")
+        if obj.cache_budget_gb < 0:
+            raise ConfigError(f"{prefix}cache_budget_gb: must be >= 0 (0: the default), got {obj.cache_budget_gb}")
         if not 0 <= obj.fold < obj.n_folds:
             raise ConfigError(f"{prefix}fold: must be in [0, n_folds={obj.n_folds}), got {obj.fold}")
     elif isinstance(obj, OptimConfig):
@@ -337,6 +341,13 @@ def _validate(obj, prefix: str) -> None:
             raise ConfigError(f"{prefix}in_chans: must be >= 1, got {obj.in_chans}")
         if not 0 <= obj.dropout < 1:
             raise ConfigError(f"{prefix}dropout: must be in [0, 1), got {obj.dropout}")
+    elif isinstance(obj, AugmentConfig):
+        for k in ("crop_shift", "crop_scale"):
+            if not 0 <= getattr(obj, k) < 1:
+                raise ConfigError(f"{prefix}{k}: must be in [0, 1), got {getattr(obj, k)}")
+    elif isinstance(obj, TrainConfig):
+        if obj.num_workers < -1:
+            raise ConfigError(f"{prefix}num_workers: must be >= 0, or -1 for auto, got {obj.num_workers}")
 
 
 def _to_plain(v):

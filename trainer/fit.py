@@ -24,9 +24,11 @@ from torch.utils.data import DataLoader
 
 from .augment import build_augment, describe
 from .config import TrainConfig
-from .data.cache import SampleStore, data_fingerprint, default_cache_dir
+from .data.cache import data_fingerprint, default_cache_dir
 from .data.crops import CropSpec
 from .data.dataset import SpineDataset
+from .data.samples import SampleSource
+from .data.volumes import VolumeStore, cache_budget
 from .data.folds import load_folds
 from .data.layout import TARGET_COLUMNS, Layout
 from .metric import build_solution, predictions_frame, score_groups
@@ -71,6 +73,18 @@ def resolve_device(name: str) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"device {name!r} asked for, but CUDA is not available on this machine")
     return dev
+
+
+def loader_workers(configured: int, device: torch.device) -> int:
+    """DataLoader worker processes: the configured number, or for -1 (auto) on CUDA this
+    process's core share (its torch threads, which a study's worker sets to cores / concurrent
+    trials) less one for the training loop, at most 8; on the CPU none, since every core already
+    trains and crops cost little next to a CPU forward pass."""
+    if configured >= 0:
+        return configured
+    if device.type != "cuda":
+        return 0
+    return max(1, min(8, torch.get_num_threads() - 1))
 
 
 def seed_everything(seed: int) -> None:
@@ -201,16 +215,19 @@ def fit(cfg: TrainConfig, callbacks: Iterable[Callback] = (), progress: Callable
     fingerprint = data_fingerprint(layout)
     train_ids, val_ids = _split(layout, cfg, cache_root, fingerprint)
     spec = CropSpec.from_config(cfg.data)
-    store = SampleStore(layout, spec, cache_root)
-    store.ensure(train_ids + val_ids)
+    source = SampleSource(layout, spec, VolumeStore(cache_root, cache_budget(cfg.data.cache_budget_gb)))
+    # cold series are decoded by as many processes as this trial has cores (its torch threads:
+    # a study's worker gets its share); cached ones only get their crops planned
+    source.prepare(train_ids + val_ids, jobs=torch.get_num_threads())
 
     conditions = cfg.data.conditions
     augment = build_augment(cfg.augment, seed=cfg.seed)
-    train_ds = SpineDataset(store, train_ids, conditions, cfg.data.normalize, transform=augment)
-    val_ds = SpineDataset(store, val_ids, conditions, cfg.data.normalize)
+    train_ds = SpineDataset(source, train_ids, conditions, cfg.data.normalize, transform=augment,
+                            crop_shift=cfg.augment.crop_shift, crop_scale=cfg.augment.crop_scale)
+    val_ds = SpineDataset(source, val_ids, conditions, cfg.data.normalize)
     g = torch.Generator().manual_seed(cfg.seed)
-    loader_kw = dict(num_workers=cfg.num_workers, pin_memory=device.type == "cuda",
-                     persistent_workers=cfg.num_workers > 0)
+    workers = loader_workers(cfg.num_workers, device)
+    loader_kw = dict(num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=workers > 0)
     train_dl = DataLoader(train_ds, batch_size=cfg.optim.batch_size, shuffle=True, drop_last=len(train_ds) > cfg.optim.batch_size,
                           generator=g, worker_init_fn=_worker_init, **loader_kw)
     val_dl = DataLoader(val_ds, batch_size=cfg.optim.batch_size * 2, shuffle=False, **loader_kw)
@@ -260,7 +277,7 @@ def fit(cfg: TrainConfig, callbacks: Iterable[Callback] = (), progress: Callable
             config=cfg, history=history, best_epoch=best["epoch"], score=best["score"], groups=best["groups"],
             prior_score=prior.score, prior_groups=prior.groups, oof=best["oof"], solution=solution,
             confusion=confusion_matrices(solution, best["oof"], conditions), checkpoint=str(ckpt_path),
-            environment=environment(device, amp_dtype), pretrained_loaded=model.pretrained_loaded,
+            environment=dict(environment(device, amp_dtype), loader_workers=workers), pretrained_loaded=model.pretrained_loaded,
             augment_pipeline=describe(augment), data_fingerprint=fingerprint,
             n_train=len(train_ds), n_val=len(val_ds), stopped_early=stopped, stop_reason=reason,
             seconds=time.perf_counter() - t_start,

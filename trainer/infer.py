@@ -19,11 +19,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .data.cache import VolumeCache, default_cache_dir
+from .data.cache import default_cache_dir
 from .data.crops import CropSpec, build_study_crops
 from .data.dataset import normalize_stack
 from .data.dicom import DicomWarning
 from .data.layout import CONDITIONS, LEVELS, PLANE_OF_CONDITION, SEVERITIES, TARGET_COLUMNS, Layout, row_id
+from .data.volumes import SeriesRef, VolumeStore
 from .fit import load_checkpoint
 
 
@@ -35,13 +36,13 @@ class LevelPrior:
 
     @classmethod
     def fit(cls, layout: Layout, cache_root: Path | None = None, max_studies: int = 200) -> "LevelPrior":
-        volumes = VolumeCache(Path(cache_root or default_cache_dir()))
+        volumes = VolumeStore(Path(cache_root or default_cache_dir()))
         coords = layout.coordinates
         coords = coords[coords["study_id"].isin(layout.study_ids[:max_studies])]
         rows: dict[tuple[str, str], list[tuple[float, float, float]]] = {}
         for (study_id, series_id), group in coords.groupby(["study_id", "series_id"]):
             try:
-                vol = volumes.load(layout.series_dir(study_id, series_id), study_id, series_id)
+                vol = volumes.open(SeriesRef(study_id, series_id, layout.series_dir(study_id, series_id)))
             except Exception as e:  # an unreadable training series teaches nothing; others do
                 warnings.warn(f"level prior: study {study_id} series {series_id} skipped ({e})", DicomWarning)
                 continue
@@ -105,7 +106,7 @@ def predict_studies(checkpoints: list[str | Path], data_dir: str | Path, study_i
     table = layout.test_series if split == "test" else layout.train_series
     study_ids = sorted(table["study_id"].unique().tolist()) if study_ids is None else list(study_ids)
     prior = prior or LevelPrior.fit(layout, cache_root)
-    volumes = VolumeCache(Path(cache_root or default_cache_dir()))
+    volumes = VolumeStore(Path(cache_root or default_cache_dir()))
     summed: dict[str, np.ndarray] = {}
     for path in checkpoints:
         model, cfg, ckpt = load_checkpoint(path, device)
@@ -116,7 +117,7 @@ def predict_studies(checkpoints: list[str | Path], data_dir: str | Path, study_i
             series = layout.series_of(sid, split)
 
             def load_volume(series_id, sid=sid):
-                return volumes.load(layout.series_dir(sid, series_id, split), sid, series_id)
+                return volumes.open(SeriesRef(sid, series_id, layout.series_dir(sid, series_id, split)))
 
             coords = prior.coordinates(sid, series, load_volume)
             axial = series["Axial T2"][0] if series["Axial T2"] else None

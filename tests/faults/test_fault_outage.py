@@ -140,46 +140,45 @@ def test_disk_full_while_writing_a_checkpoint(small_disk, phantom_dir):
 @pytest.mark.slow
 def test_disk_full_while_writing_the_cache_leaves_no_entry(small_disk, phantom_dir):
     from trainer.config import DataConfig
-    from trainer.data.cache import SampleStore
     from trainer.data.crops import CropSpec
     from trainer.data.layout import Layout
+    from trainer.data.samples import SampleSource
+    from trainer.data.volumes import VolumeStore
 
     layout = Layout(phantom_dir)
-    spec = CropSpec.from_config(DataConfig(data_dir=str(phantom_dir), img_size=96, sag_t2_slices=11,
-                                           sag_t1_slices=5, axial_slices=5))
+    spec = CropSpec.from_config(DataConfig(data_dir=str(phantom_dir)))
     sid = layout.study_ids[0]
-    store = SampleStore(layout, spec, small_disk / "cache")
-    store.volumes.load(layout.series_dir(sid, layout.series_of(sid)["Sagittal T2/STIR"][0]), sid,
-                       layout.series_of(sid)["Sagittal T2/STIR"][0])  # volumes may fit; the crops will not
+    source = SampleSource(layout, spec, VolumeStore(small_disk / "cache"))
     fill(small_disk, leave=64 * 1024)
-    with pytest.raises(OSError, match=f"crop cache .*: cannot write study {sid}"):
-        store.ensure([sid])
-    assert not list((small_disk / "cache" / "samples").rglob("*.tmp"))
-    assert store.load(sid, store.study_key(sid)) is None  # no entry, so nothing corrupt to reuse
-    (small_disk / "filler").unlink()  # space again: the entry is built and then reused
-    assert store.ensure([sid]).built == 1
-    again = SampleStore(layout, spec, small_disk / "cache").ensure([sid])
-    assert again.reused == 1
-    fresh = SampleStore(layout, spec, small_disk.parent / "fresh-cache")
-    fresh.ensure([sid])
-    assert np.array_equal(np.asarray(store.load(sid)[0]), np.asarray(fresh.load(sid)[0]))
+    with pytest.raises(OSError, match=f"volume cache .*: cannot write study {sid}"):
+        source.prepare([sid])
+    assert not list((small_disk / "cache" / "volumes").rglob("*.tmp"))
+    assert not list((small_disk / "cache" / "volumes").rglob("*.json"))  # no entry, so nothing corrupt to reuse
+    (small_disk / "filler").unlink()  # space again: the entries are built and then reused
+    assert source.prepare([sid]).decoded == 3
+    again = SampleSource(layout, spec, VolumeStore(small_disk / "cache")).prepare([sid])
+    assert again.reused == 3 and again.decoded == 0
+    fresh = SampleSource(layout, spec, VolumeStore(small_disk.parent / "fresh-cache"))
+    fresh.prepare([sid])
+    assert np.array_equal(source.study_crops(sid).images, fresh.study_crops(sid).images)
     shutil.rmtree(small_disk.parent / "fresh-cache")
 
 
 def test_a_corrupt_cache_entry_is_detected_and_rebuilt(phantom_dir, tmp_path):
     from trainer.config import DataConfig
-    from trainer.data.cache import SampleStore
     from trainer.data.crops import CropSpec
     from trainer.data.layout import Layout
+    from trainer.data.samples import SampleSource
+    from trainer.data.volumes import VolumeStore
 
     layout = Layout(phantom_dir)
     spec = CropSpec.from_config(DataConfig(data_dir=str(phantom_dir), img_size=32))
     sid = layout.study_ids[0]
-    store = SampleStore(layout, spec, tmp_path / "cache")
-    store.ensure([sid])
-    good = np.asarray(store.load(sid)[0]).copy()
-    npy = next((tmp_path / "cache" / "samples").rglob(f"{sid}.npy"))
+    SampleSource(layout, spec, VolumeStore(tmp_path / "cache")).prepare([sid])
+    good = SampleSource(layout, spec, VolumeStore(tmp_path / "cache")).study_crops(sid).images
+    npy = next((tmp_path / "cache" / "volumes").rglob("*.npy"))
     npy.write_bytes(npy.read_bytes()[: len(npy.read_bytes()) // 2])  # truncated, as by a crash
+    source = SampleSource(layout, spec, VolumeStore(tmp_path / "cache"))
     with pytest.warns(UserWarning, match="corrupt cache entry"):
-        report = store.ensure([sid])
-    assert report.built == 1 and np.array_equal(np.asarray(store.load(sid)[0]), good)
+        report = source.prepare([sid])
+    assert np.array_equal(source.study_crops(sid).images, good)

@@ -1,4 +1,5 @@
-"""`optuna-run data check`: build every crop of a data folder and count what failed, and why."""
+"""`optuna-run data check`: decode every series a data folder's crops need (all cores, with a
+progress bar), plan and cut every crop, and count what failed, and why."""
 from __future__ import annotations
 
 import time
@@ -6,22 +7,31 @@ import warnings
 from collections import Counter
 from pathlib import Path
 
-from .cache import SampleStore, default_cache_dir
+from .cache import default_cache_dir
 from .crops import CropSpec
+from .dicom import DicomWarning
 from .layout import Layout
+from .samples import SampleSource
+from .volumes import VolumeStore, cache_budget
 
 FALLBACKS = {"axial_from_sagittal"}
 
 
-def check_data(data_dir: str | Path, spec: CropSpec, cache_dir: str = "", progress: bool = False) -> dict:
-    """Summary of a data folder. Raises LayoutError only when the layout itself cannot be read."""
+def check_data(data_dir: str | Path, spec: CropSpec, cache_dir: str = "", progress: bool = False,
+               jobs: int = 1, budget: int | None = None) -> dict:
+    """Summary of a data folder. Raises LayoutError only when the layout itself cannot be read.
+    `jobs` processes decode the series not cached yet."""
     t0 = time.perf_counter()
     layout = Layout(Path(data_dir))
     layout.validate()
-    store = SampleStore(layout, spec, default_cache_dir(cache_dir))
+    store = VolumeStore(default_cache_dir(cache_dir), budget if budget is not None else cache_budget())
+    source = SampleSource(layout, spec, store)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # counted below from the flags instead of printed
-        report = store.ensure(layout.study_ids, progress=progress)
+        warnings.filterwarnings("ignore", category=DicomWarning)  # counted below from the flags instead
+        report = source.prepare(layout.study_ids, jobs=jobs, progress=progress or None, every_series=True)
+        decoded_seconds = time.perf_counter() - t0
+        for sid in layout.study_ids:  # cut every crop once: what a trial will ask for
+            source.study_crops(sid)
 
     labels = layout.labels.set_index(["study_id", "condition", "level"])["severity"]
     failures, fallbacks, unlabelled = Counter(), Counter(), 0
@@ -44,13 +54,17 @@ def check_data(data_dir: str | Path, spec: CropSpec, cache_dir: str = "", progre
         points=int(len(layout.coordinates)),
         samples=samples,
         crops_expected=samples * n_blocks,
-        crops_built=report.crops_built,
+        crops_built=report.crops_planned,
         unlabelled_blocks=unlabelled,
         failures=dict(failures),
         failure_examples=examples,
         fallbacks=dict(fallbacks),
-        studies_built=report.built,
-        studies_from_cache=report.reused,
+        series_decoded=report.decoded,
+        series_from_cache=report.reused,
+        decode_jobs=report.jobs,
+        decode_seconds=round(decoded_seconds, 2),
+        cache_bytes=store.usage(),
+        cache_budget=store.budget,
         seconds=round(time.perf_counter() - t0, 2),
     )
 

@@ -14,13 +14,16 @@ A crop is square, centred on the point, with half side = ratio x the image's lar
 manual log's `window_ratio`; `axial_window_ratio` for axial), resized to `img_size`. Neighbour
 slices are cropped around the same patient position projected into them. A block whose point or
 series is missing is zeros and its `present` flag is False, with the reason in the flags.
+
+Two steps, so that a new crop spec costs no preprocessing: `plan_study` finds, once per study,
+each block's series, centre slice and point (geometry only, no pixels read); `cut_level` cuts a
+sample's crops from the memory-mapped volumes when a DataLoader worker asks for it, with optional
+jitter of the crop's centre and scale (augmentations).
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import cv2
 import numpy as np
@@ -30,7 +33,6 @@ from .dicom import DicomWarning, Volume
 from .geometry import nearest_slice, patient_to_pixel, pixel_to_patient
 from .layout import LEVELS
 
-CROP_VERSION = 1  # bump when crop semantics change: it invalidates cached samples
 
 _SAG_T2_COND = "spinal_canal_stenosis"
 _FORAMEN = {"sag_t1_left": "left_neural_foraminal_narrowing", "sag_t1_right": "right_neural_foraminal_narrowing"}
@@ -40,7 +42,7 @@ AXIAL_MAX_DISTANCE_MM = 10.0  # the fallback projection must land this close to 
 
 @dataclass(frozen=True)
 class CropSpec:
-    """The preprocessing fields that decide a sample's pixels (and so its cache key)."""
+    """The preprocessing fields that decide a sample's pixels."""
 
     planes: tuple[str, ...]
     window_ratio: float
@@ -76,9 +78,9 @@ class CropSpec:
     def n_slices(self) -> int:
         return sum(n for _, n in self.blocks())
 
-    def key(self) -> str:
-        payload = json.dumps(asdict(self) | {"version": CROP_VERSION}, sort_keys=True)
-        return hashlib.sha1(payload.encode()).hexdigest()[:16]
+
+BLOCK_PLANE = {"sag_t2": "sag_t2", "sag_t1_left": "sag_t1", "sag_t1_right": "sag_t1", "axial": "axial"}
+BLOCK_ORDER = ("sag_t2", "sag_t1_left", "sag_t1_right", "axial")
 
 
 def crop_resize(image: np.ndarray, x: float, y: float, ratio: float, size: int) -> np.ndarray:
@@ -92,11 +94,12 @@ def crop_resize(image: np.ndarray, x: float, y: float, ratio: float, size: int) 
                           borderMode=cv2.BORDER_CONSTANT, borderValue=0)
 
 
-def crop_stack(volume: Volume, index: int, x: float, y: float, n: int, ratio: float, size: int) -> np.ndarray:
+def crop_stack(volume: Volume, index: int, x: float, y: float, n: int, ratio: float, size: int,
+               out: np.ndarray | None = None) -> np.ndarray:
     """n slices centred on slice `index` (clamped at the series' ends), each cropped around the
     patient position of (x, y) projected into it."""
     point = pixel_to_patient(volume, index, x, y)
-    out = np.zeros((n, size, size), dtype=np.uint8)
+    out = np.zeros((n, size, size), dtype=np.uint8) if out is None else out
     for k, off in enumerate(range(-(n // 2), n - n // 2)):
         j = int(np.clip(index + off, 0, len(volume) - 1))
         xj, yj = (x, y) if j == index else patient_to_pixel(volume, j, point)[:2]
@@ -111,23 +114,42 @@ class StudyCrops:
     flags: list[dict]  # {"level", "block", "reason", "detail"}
 
 
+@dataclass(frozen=True)
+class BlockPlan:
+    """Where one crop block of one level is cut: the series, its centre slice and the point."""
+
+    series_id: int
+    index: int
+    x: float
+    y: float
+
+
+@dataclass
+class StudyPlan:
+    """Per level, per block of `BLOCK_ORDER` in use: a BlockPlan, or None (with a flag)."""
+
+    study_id: int
+    blocks: dict[str, list[BlockPlan | None]]  # block name -> 5 levels
+    flags: list[dict]  # {"level", "block", "reason", "detail"}
+    series: tuple[int, ...]  # the series the plan cuts from
+
+
 def _inside(volume: Volume, index: int, x: float, y: float) -> bool:
     rows, cols = volume.images[index].shape
     return 0 <= x < cols and 0 <= y < rows
 
 
-def build_study_crops(study_id: int, coords: pd.DataFrame, load_volume, spec: CropSpec,
-                      axial_series_id: int | None = None) -> StudyCrops:
-    """Crops of all five levels of one study.
+def plan_study(study_id: int, coords: pd.DataFrame, load_volume, planes, axial_series_id: int | None = None,
+               warn: bool = True) -> StudyPlan:
+    """Each block's series, centre slice and point, for all five levels of one study.
 
     `coords` holds the study's rows of train_label_coordinates (condition/level in submission
     spelling); `load_volume(series_id)` returns a Volume or raises (missing or unreadable series);
-    `axial_series_id` is the study's Axial T2 series, for the fallback without axial points.
+    `planes` are the planes in use; `axial_series_id` is the study's Axial T2 series, for the
+    fallback without axial points. Reads geometry only: no pixel is touched.
     """
-    blocks = spec.blocks()
-    size = spec.img_size
-    images = np.zeros((len(LEVELS), spec.n_slices, size, size), dtype=np.uint8)
-    present = np.zeros((len(LEVELS), len(blocks)), dtype=bool)
+    names = [b for b in BLOCK_ORDER if BLOCK_PLANE[b] in planes]
+    blocks: dict[str, list[BlockPlan | None]] = {b: [None] * len(LEVELS) for b in names}
     flags: list[dict] = []
     volumes: dict[int, Volume | Exception] = {}
 
@@ -137,7 +159,8 @@ def build_study_crops(study_id: int, coords: pd.DataFrame, load_volume, spec: Cr
                 volumes[series_id] = load_volume(series_id)
             except Exception as e:
                 volumes[series_id] = e
-                warnings.warn(f"study {study_id} series {series_id}: {e}", DicomWarning, stacklevel=2)
+                if warn:
+                    warnings.warn(f"study {study_id} series {series_id}: {e}", DicomWarning, stacklevel=3)
             else:
                 for name, reason in volumes[series_id].skipped:
                     flags.append(dict(level=None, block=None, reason="slice_unreadable",
@@ -161,21 +184,21 @@ def build_study_crops(study_id: int, coords: pd.DataFrame, load_volume, spec: Cr
         if idx is None:
             flags.append(dict(level=level, block=block, reason="instance_missing",
                               detail=f"series {r.series_id} instance {r.instance_number}"))
-            warnings.warn(f"study {study_id} series {r.series_id}: labelled instance "
-                          f"{r.instance_number} not found ({level} {cond})", DicomWarning, stacklevel=3)
+            if warn:
+                warnings.warn(f"study {study_id} series {r.series_id}: labelled instance "
+                              f"{r.instance_number} not found ({level} {cond})", DicomWarning, stacklevel=3)
             return None
         if not _inside(vol, idx, r.x, r.y):
             flags.append(dict(level=level, block=block, reason="point_outside",
                               detail=f"series {r.series_id} instance {r.instance_number} ({r.x}, {r.y})"))
-            warnings.warn(f"study {study_id} series {r.series_id} instance {r.instance_number}: point "
-                          f"({r.x}, {r.y}) lies outside the image ({level} {cond})", DicomWarning, stacklevel=3)
+            if warn:
+                warnings.warn(f"study {study_id} series {r.series_id} instance {r.instance_number}: point "
+                              f"({r.x}, {r.y}) lies outside the image ({level} {cond})", DicomWarning, stacklevel=3)
             return None
-        return vol, idx, float(r.x), float(r.y)
+        return int(r.series_id), idx, float(r.x), float(r.y)
 
     for lv, level in enumerate(LEVELS):
-        start = 0
-        for b, (block, n) in enumerate(blocks):
-            ratio = spec.axial_window_ratio if block == "axial" else spec.window_ratio
+        for block in names:
             if block == "sag_t2":
                 hit = locate(_SAG_T2_COND, level, block)
             elif block in _FORAMEN:
@@ -183,11 +206,50 @@ def build_study_crops(study_id: int, coords: pd.DataFrame, load_volume, spec: Cr
             else:
                 hit = _locate_axial(points, level, volume, locate, flags, axial_series_id)
             if hit is not None:
-                vol, idx, x, y = hit
-                images[lv, start:start + n] = crop_stack(vol, idx, x, y, n, ratio, size)
-                present[lv, b] = True
-            start += n
-    return StudyCrops(images, present, flags)
+                blocks[block][lv] = BlockPlan(*hit)
+    used = tuple(sorted({p.series_id for ps in blocks.values() for p in ps if p is not None}))
+    return StudyPlan(study_id, blocks, flags, used)
+
+
+def cut_level(plan: StudyPlan, lv: int, spec: CropSpec, volume, jitter=None) -> tuple[np.ndarray, np.ndarray]:
+    """(images (slices, size, size) uint8, present per block) of one level, cut now.
+
+    `volume(series_id)` returns the Volume; `jitter`, for training, is a callable
+    ``jitter(half_side) -> (dx, dy, scale)`` moving each block's crop centre by (dx, dy) pixels and
+    scaling its window."""
+    size = spec.img_size
+    blocks = spec.blocks()
+    images = np.zeros((spec.n_slices, size, size), dtype=np.uint8)
+    present = np.zeros(len(blocks), dtype=bool)
+    start = 0
+    for b, (block, n) in enumerate(blocks):
+        bp = plan.blocks[block][lv]
+        if bp is not None:
+            vol = volume(bp.series_id)
+            ratio = spec.axial_window_ratio if block == "axial" else spec.window_ratio
+            x, y = bp.x, bp.y
+            if jitter is not None:
+                dx, dy, scale = jitter(ratio * max(vol.images[bp.index].shape))
+                x, y, ratio = x + dx, y + dy, ratio * scale
+            crop_stack(vol, bp.index, x, y, n, ratio, size, out=images[start:start + n])
+            present[b] = True
+        start += n
+    return images, present
+
+
+def build_study_crops(study_id: int, coords: pd.DataFrame, load_volume, spec: CropSpec,
+                      axial_series_id: int | None = None) -> StudyCrops:
+    """Crops of all five levels of one study, cut at once (prediction, data check, tests)."""
+    plan = plan_study(study_id, coords, load_volume, spec.planes, axial_series_id)
+    cache: dict[int, Volume] = {}
+
+    def volume(series_id):
+        if series_id not in cache:
+            cache[series_id] = load_volume(series_id)
+        return cache[series_id]
+
+    levels = [cut_level(plan, lv, spec, volume) for lv in range(len(LEVELS))]
+    return StudyCrops(np.stack([im for im, _ in levels]), np.stack([p for _, p in levels]), plan.flags)
 
 
 def _locate_axial(points, level, volume, locate, flags, axial_series_id):
@@ -198,10 +260,10 @@ def _locate_axial(points, level, volume, locate, flags, axial_series_id):
         hit = locate(found[0].condition, level, "axial")
         if hit is None:
             return None
-        vol, idx, _, _ = hit
+        series_id, idx, _, _ = hit
         same = [r for r in found if int(r.series_id) == int(found[0].series_id)
                 and int(r.instance_number) == int(found[0].instance_number)]
-        return vol, idx, float(np.mean([r.x for r in same])), float(np.mean([r.y for r in same]))
+        return series_id, idx, float(np.mean([r.x for r in same])), float(np.mean([r.y for r in same]))
     # no subarticular point: carry the canal point through patient space to the axial series
     canal = points.get((_SAG_T2_COND, level))
     if canal is not None and axial_series_id is not None:
@@ -215,6 +277,6 @@ def _locate_axial(points, level, volume, locate, flags, axial_series_id):
                 if abs(dist) <= AXIAL_MAX_DISTANCE_MM and _inside(ax, j, x, y):
                     flags.append(dict(level=level, block="axial", reason="axial_from_sagittal",
                                       detail=f"{dist:.1f} mm from slice"))
-                    return ax, j, x, y
+                    return int(axial_series_id), j, x, y
     flags.append(dict(level=level, block="axial", reason="no_point", detail="subarticular"))
     return None

@@ -7,8 +7,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .cache import SampleStore
 from .layout import CONDITIONS, LEVELS, Layout
+from .samples import SampleSource
 
 
 def level_targets(layout: Layout, study_ids, conditions) -> dict[tuple[int, int], np.ndarray]:
@@ -38,40 +38,39 @@ class SpineDataset(Dataset):
     """Items: ``image`` float32 (slices, H, W), ``target`` int64 (conditions,) with -1 for an
     empty label (ignored by the loss, not filled), ``present`` bool per crop block, and the keys.
 
+    Crops are cut when an item is asked for (`SampleSource.sample`), from memory-mapped volumes.
     `transform` is an albumentations-style callable applied to the (H, W, slices) uint8 stack, so
-    every slice of a sample gets the same augmentation.
+    every slice of a sample gets the same augmentation; `crop_shift` and `crop_scale` jitter each
+    block's crop centre (a fraction of its half side) and window (a factor in [1-s, 1+s]) before
+    it is cut, drawn from numpy's global generator (seeded per DataLoader worker).
     """
 
-    def __init__(self, store: SampleStore, study_ids, conditions=CONDITIONS, normalize: str = "minmax255",
-                 transform: Callable | None = None):
-        self.store = store
+    def __init__(self, source: SampleSource, study_ids, conditions=CONDITIONS, normalize: str = "minmax255",
+                 transform: Callable | None = None, crop_shift: float = 0.0, crop_scale: float = 0.0):
+        self.source = source
         self.conditions = tuple(conditions)
         self.normalize = normalize
         self.transform = transform
-        targets = level_targets(store.layout, study_ids, self.conditions)
+        self.crop_shift, self.crop_scale = crop_shift, crop_scale
+        targets = level_targets(source.layout, study_ids, self.conditions)
         self.items = [(int(s), lv) for s in sorted(study_ids) for lv in range(len(LEVELS))
                       if (int(s), lv) in targets]
         self.targets = targets
-        self._open: dict[int, tuple] = {}
 
     def __len__(self) -> int:
         return len(self.items)
 
-    def _study(self, study_id: int):
-        if study_id not in self._open:
-            entry = self.store.load(study_id)
-            if entry is None:
-                raise RuntimeError(f"study {study_id}: crops not cached; call SampleStore.ensure first")
-            self._open[study_id] = entry
-        return self._open[study_id]
+    def _jitter(self, half: float) -> tuple[float, float, float]:
+        dx, dy = np.random.uniform(-self.crop_shift, self.crop_shift, 2) * half
+        return float(dx), float(dy), float(1 + np.random.uniform(-self.crop_scale, self.crop_scale))
 
     def __getitem__(self, i: int) -> dict:
         study_id, lv = self.items[i]
-        images, present, _ = self._study(study_id)
-        stack = np.asarray(images[lv])  # (S, H, W) uint8, copied out of the memory map
+        jitter = self._jitter if (self.crop_shift or self.crop_scale) else None
+        stack, present = self.source.sample(study_id, lv, jitter)  # (S, H, W) uint8
         if self.transform is not None:
             stack = self.transform(image=np.ascontiguousarray(stack.transpose(1, 2, 0)))["image"]
             stack = stack.transpose(2, 0, 1)
         x = normalize_stack(torch.from_numpy(np.ascontiguousarray(stack, dtype=np.float32)), self.normalize)
         return dict(image=x, target=torch.from_numpy(self.targets[(study_id, lv)]),
-                    present=torch.from_numpy(present[lv].copy()), study_id=study_id, level=lv)
+                    present=torch.from_numpy(present), study_id=study_id, level=lv)

@@ -52,6 +52,27 @@ FORAMEN_X = 20.0  # mm lateral of the midline
 RECESS_X = 9.5
 
 
+@dataclass(frozen=True)
+class Scale:
+    """How big a phantom's files are. `small` (the default) keeps the demo fast on a CPU; `real`
+    mirrors the competition set (DOMAIN.md): 384-640 px matrices, sagittal stacks of 13-21
+    slices, one to three Axial T2 series per study of mostly 15-50 slices (a few continuous thin
+    stacks of up to 190), every file RLE lossless 12-bit."""
+
+    name: str
+    sagittal_sizes: tuple[int, ...]
+    axial_sizes: tuple[int, ...]
+    sag_t1_slices: tuple[int, int]  # [low, high) of the slice count
+    sag_t2_slices: tuple[int, int]
+    render_step: int  # the anatomy is evaluated every k-th pixel, then resized (real: half the cost x4)
+
+
+SCALES = {
+    "small": Scale("small", (192, 224, 256, 288), (192, 224, 256), (15, 20), (13, 18), 1),
+    "real": Scale("real", (384, 448, 512, 512, 512, 640), (320, 384, 448, 512, 512, 640), (13, 22), (14, 20), 2),
+}
+
+
 @dataclass
 class Anatomy:
     """One patient's lumbar spine; degrees are (5 conditions, 5 levels) in [0, 1]."""
@@ -186,8 +207,9 @@ class SeriesPlan:
     patient_position: str
 
 
-def _sagittal_plan(rng, anat: Anatomy, description: str, seq: str, n_range, span_min: float) -> SeriesPlan:
-    size = int(rng.choice([192, 224, 256, 288]))
+def _sagittal_plan(rng, anat: Anatomy, description: str, seq: str, n_range, span_min: float,
+                   sizes=SCALES["small"].sagittal_sizes) -> SeriesPlan:
+    size = int(rng.choice(list(sizes)))
     fov = rng.uniform(200, 240)
     n = int(rng.integers(*n_range))
     gap = max(rng.uniform(3.3, 4.2), span_min / (n - 1))
@@ -222,9 +244,50 @@ def _axial_plan(rng, anat: Anatomy, ffs: bool) -> SeriesPlan:
                       fov / size, size, gap * 0.9, gap, "FFS" if ffs else "HFS")
 
 
-def _render_series(rng, anat: Anatomy, plan: SeriesPlan) -> list[np.ndarray]:
+def _real_axial_plans(rng, anat: Anatomy, ffs: bool, scale: Scale) -> list[SeriesPlan]:
+    """One to three Axial T2 series: the first covers every level (stacks per disc, or one
+    continuous stack, rarely a thin one of up to 190 slices), the others repeat the lower levels."""
+    n_series = int(rng.choice([1, 2, 3], p=[0.7, 0.25, 0.05]))
+    plans = []
+    for k in range(n_series):
+        size = int(rng.choice(list(scale.axial_sizes)))
+        fov = rng.uniform(160, 200)
+        row = np.array([-1.0 if ffs else 1.0, 0, 0])
+        kind = "stacks" if k > 0 or rng.random() < 0.6 else ("thin" if rng.random() < 0.08 else "continuous")
+        positions, orients = [], []
+        if kind == "stacks":
+            discs = anat.disc_z if k == 0 else anat.disc_z[2:]
+            gap = rng.uniform(3.0, 4.0)
+            for z in discs:
+                per = int(rng.integers(3, 9))
+                tilt = np.deg2rad(rng.uniform(-10, 10))
+                col = np.array([0, np.cos(tilt), -np.sin(tilt)])
+                normal = np.cross([1.0, 0, 0], col)
+                centre = np.array([anat.midline_x, anat.canal_y(z) - 12, z])
+                for j in np.arange(per) - (per - 1) / 2:
+                    c = centre + j * gap * normal
+                    positions.append(c - row * fov / 2 - col * fov / 2)
+                    orients.append(np.concatenate([row, col]))
+        else:
+            gap = rng.uniform(1.0, 1.2) if kind == "thin" else rng.uniform(4.0, 5.0)
+            col = np.array([0, 1.0, 0])
+            top, bottom = anat.disc_z[0] + 15, anat.disc_z[-1] - 15
+            for z in np.arange(top, bottom, -gap):
+                c = np.array([anat.midline_x, anat.canal_y(z) - 12, z])
+                positions.append(c - row * fov / 2 - col * fov / 2)
+                orients.append(np.concatenate([row, col]))
+        order = np.argsort([-p[2] for p in positions])  # head first, like a scanner
+        plans.append(SeriesPlan("Axial T2", "T2", np.asarray(positions)[order], np.asarray(orients)[order],
+                                fov / size, size, gap * 0.9, gap, "FFS" if ffs else "HFS"))
+    return plans
+
+
+def _render_series(rng, anat: Anatomy, plan: SeriesPlan, step: int = 1) -> list[np.ndarray]:
+    """12-bit slices: the anatomy sampled at every pixel's patient position (every `step`-th
+    pixel, then resized), blurred a little, with Rician noise at full resolution."""
     n = plan.size
-    grid_y, grid_x = np.mgrid[0:n, 0:n].astype(np.float32)
+    m = -(-n // step)
+    grid_y, grid_x = (np.mgrid[0:m, 0:m].astype(np.float32) * step)
     gain = rng.uniform(1400, 3200)
     sigma = rng.uniform(0.035, 0.07)
     images = []
@@ -232,8 +295,15 @@ def _render_series(rng, anat: Anatomy, plan: SeriesPlan) -> list[np.ndarray]:
         pts = (pos[:, None, None] + grid_x * plan.spacing * o[:3, None, None]
                + grid_y * plan.spacing * o[3:, None, None])
         img = anat.render(pts[0], pts[1], pts[2], plan.seq)
-        img = cv2.GaussianBlur(img, (0, 0), 0.8)  # partial-volume look
-        noisy = np.sqrt((img + rng.normal(0, sigma, img.shape)) ** 2 + rng.normal(0, sigma, img.shape) ** 2)
+        if step == 1:
+            img = cv2.GaussianBlur(img, (0, 0), 0.8)  # partial-volume look
+            noisy = np.sqrt((img + rng.normal(0, sigma, img.shape)) ** 2 + rng.normal(0, sigma, img.shape) ** 2)
+        else:
+            img = cv2.resize(img, (m * step, m * step), interpolation=cv2.INTER_LINEAR)[:n, :n]
+            img = cv2.GaussianBlur(img, (0, 0), 0.8)
+            a = img + rng.standard_normal(img.shape, dtype=np.float32) * sigma
+            b = rng.standard_normal(img.shape, dtype=np.float32) * sigma
+            noisy = np.sqrt(a * a + b * b)
         images.append(np.clip(noisy * gain, 0, 4095).astype(np.uint16))
     return images
 
@@ -246,6 +316,15 @@ def _instance_numbers(rng, n: int) -> np.ndarray:
     if rng.random() < 0.3:  # reversed stack: instance 1 at the other end
         numbers = numbers[::-1].copy()
     return numbers
+
+
+try:  # pylibjpeg-rle encodes about 7x faster than pydicom's own encoder, to the same bytes
+    import pylibjpeg  # noqa: F401
+    import rle  # noqa: F401
+
+    _RLE_PLUGIN = "pylibjpeg"
+except ImportError:
+    _RLE_PLUGIN = "pydicom"
 
 
 def write_series(folder: Path, images: list[np.ndarray], plan: SeriesPlan, instance_numbers,
@@ -301,33 +380,37 @@ def _write_dicom(path: Path, image: np.ndarray, plan: SeriesPlan, i: int, instan
     ds.PixelRepresentation = 0
     ds.PixelData = image.tobytes()
     if rle:
-        ds.compress(RLELossless, image)
+        ds.compress(RLELossless, image, encoding_plugin=_RLE_PLUGIN)
     ds.save_as(path, enforce_file_format=True)
 
 
-def _make_study(root: Path, split: str, study_id: int, seed_seq, with_labels: bool) -> dict:
+def _make_study(root: Path, split: str, study_id: int, seed_seq, with_labels: bool, scale: str = "small") -> dict:
     rng = np.random.default_rng(seed_seq)
     grades = _grades(rng)
     anat = _anatomy(rng, grades)
     ffs = rng.random() < 0.25
+    sc = SCALES[scale]
     plans = [
-        _sagittal_plan(rng, anat, "Sagittal T1", "T1", (15, 20), span_min=2 * FORAMEN_X + 16),
-        _sagittal_plan(rng, anat, "Sagittal T2/STIR", "T2", (13, 18), span_min=24),
-        _axial_plan(rng, anat, ffs),
+        _sagittal_plan(rng, anat, "Sagittal T1", "T1", sc.sag_t1_slices, span_min=2 * FORAMEN_X + 16,
+                       sizes=sc.sagittal_sizes),
+        _sagittal_plan(rng, anat, "Sagittal T2/STIR", "T2", sc.sag_t2_slices, span_min=24, sizes=sc.sagittal_sizes),
     ]
-    rle_series = int(rng.integers(0, 3)) if rng.random() < 0.1 else -1  # some files RLE-compressed
+    plans += [_axial_plan(rng, anat, ffs)] if scale == "small" else _real_axial_plans(rng, anat, ffs, sc)
+    if scale == "small":
+        rle_series = int(rng.integers(0, 3)) if rng.random() < 0.1 else -1  # some files RLE-compressed
     series_rows, volumes = [], {}
     for k, plan in enumerate(plans):
         series_id = int(rng.integers(10_000_000, 4_000_000_000))
-        images = _render_series(rng, anat, plan)
+        images = _render_series(rng, anat, plan, sc.render_step)
         instances = _instance_numbers(rng, len(images))
+        rle_every = (4 if k == rle_series else 0) if scale == "small" else 1
         write_series(root / f"{split}_images" / str(study_id) / str(series_id), images, plan, instances,
-                     study_id, series_id, with_thickness=(split == "train"),
-                     rle_every=4 if k == rle_series else 0)
+                     study_id, series_id, with_thickness=(split == "train"), rle_every=rle_every)
         series_rows.append((study_id, series_id, plan.description))
-        volumes[plan.description] = (series_id, Volume(
-            images=images, positions=plan.positions, orientations=plan.orientations,
-            spacings=np.full((len(images), 2), plan.spacing), instance_numbers=instances))
+        if plan.description not in volumes:  # labels go on the first series of each kind
+            volumes[plan.description] = (series_id, Volume(
+                images=images, positions=plan.positions, orientations=plan.orientations,
+                spacings=np.full((len(images), 2), plan.spacing), instance_numbers=instances))
 
     coords = []
     jitter = lambda: rng.normal(0, 0.6, 3)  # annotators are not exact
@@ -368,8 +451,9 @@ def _study_ids(seed: int, n: int) -> list[int]:
 
 
 def make_phantom(out_dir: Path, studies: int = 50, test_studies: int = 3, seed: int = 0,
-                 jobs: int = 1) -> dict:
+                 jobs: int = 1, scale: str = "small", progress: bool = False) -> dict:
     """Write a phantom dataset to `out_dir` (created; existing phantom files are replaced).
+    `scale`: "small" (the default, fast) or "real" (the competition's sizes, see `Scale`).
 
     Returns a summary dict. The hidden test labels go to ``_phantom/test_labels.csv`` (a folder the
     real data does not have) so that a phantom submission can be scored.
@@ -380,14 +464,26 @@ def make_phantom(out_dir: Path, studies: int = 50, test_studies: int = 3, seed: 
     rng = np.random.default_rng([seed, 0xBEEF])
     rng.shuffle(ids)
     train_ids, test_ids = sorted(ids[:studies]), sorted(ids[studies:])
-    tasks = [("train", sid, [seed, sid], True) for sid in train_ids]
-    tasks += [("test", sid, [seed, sid], False) for sid in test_ids]
+    if scale not in SCALES:
+        raise ValueError(f"phantom scale {scale!r}: expected one of {', '.join(SCALES)}")
+    tasks = [("train", sid, [seed, sid], True, scale) for sid in train_ids]
+    tasks += [("test", sid, [seed, sid], False, scale) for sid in test_ids]
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(tasks), desc=f"phantom ({scale})", unit="study", disable=not progress, leave=False)
     if jobs > 1:
         from concurrent.futures import ProcessPoolExecutor
         with ProcessPoolExecutor(jobs) as pool:
-            results = list(pool.map(_make_study_star, [(out_dir,) + t for t in tasks]))
+            results = []
+            for r in pool.map(_make_study_star, [(out_dir,) + t for t in tasks]):
+                results.append(r)
+                bar.update(1)
     else:
-        results = [_make_study(out_dir, *t) for t in tasks]
+        results = []
+        for t in tasks:
+            results.append(_make_study(out_dir, *t))
+            bar.update(1)
+    bar.close()
     train = [r for r, t in zip(results, tasks) if t[0] == "train"]
     test = [r for r, t in zip(results, tasks) if t[0] == "test"]
 
@@ -411,9 +507,11 @@ def make_phantom(out_dir: Path, studies: int = 50, test_studies: int = 3, seed: 
         hidden / "test_labels.csv", index=False)
     values = labels[list(LABEL_COLUMNS)].to_numpy().ravel()
     summary = dict(
-        studies=len(train_ids), test_studies=len(test_ids), seed=seed,
+        studies=len(train_ids), test_studies=len(test_ids), seed=seed, scale=scale,
         series=int(sum(len(r["series"]) for r in results)),
         points=int(sum(len(r["coords"]) for r in train)),
+        files=sum(1 for _ in out_dir.glob("*_images/*/*/*.dcm")),
+        bytes=sum(f.stat().st_size for f in out_dir.glob("*_images/*/*/*.dcm")),
         grades={s: int((values == s).sum()) for s in SEVERITIES} | {"empty": int(pd.isna(values).sum())},
     )
     (hidden / "meta.json").write_text(json.dumps(summary, indent=2))
@@ -421,5 +519,4 @@ def make_phantom(out_dir: Path, studies: int = 50, test_studies: int = 3, seed: 
 
 
 def _make_study_star(args):
-    out_dir, split, sid, seed_seq, with_labels = args
-    return _make_study(out_dir, split, sid, seed_seq, with_labels)
+    return _make_study(*args)
