@@ -9,9 +9,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.common import RESULTS, machine  # noqa: E402
+from bench.common import RESULTS, machine, met_cell, ratio_cell  # noqa: E402
 
-ORDER = ("data", "trainer", "study")
+ORDER = ("data", "trainer", "study", "scale")
 
 
 def main() -> int:
@@ -23,8 +23,9 @@ def main() -> int:
             return 1
         parts[name] = json.loads(path.read_text())
     rows = [dict(r, benchmark=name) for name, p in parts.items() for r in p["rows"]]
+    judged = [r for r in rows if r.get("met") is not None]  # rows with a goal that were measured
     out = dict(machine=machine(), benchmarks={n: p["machine"] for n, p in parts.items()}, rows=rows,
-               met=sum(r["met"] for r in rows), total=len(rows))
+               met=sum(bool(r["met"]) for r in judged), total=len(judged))
     (ROOT / "bench" / "results.json").write_text(json.dumps(out, indent=2))
     m = out["machine"]
     lines = [f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory']}, {m['cuda'] or 'no GPU'}; python {m['python']}, "
@@ -32,8 +33,8 @@ def main() -> int:
              "| benchmark | measure | baseline | spinesweep | ratio | goal | met | measured |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['benchmark']} | {r['what']} | {r['baseline']} | {r['value']} | {r['ratio']:.2f}x | "
-                     f"{r['goal']} | {'yes' if r['met'] else 'NO'} | {r['when']} |")
+        lines.append(f"| {r['benchmark']} | {r['what']} | {r['baseline']} | {r['value']} | {ratio_cell(r)} | "
+                     f"{r['goal']} | {met_cell(r)} | {r['when']} |")
     (ROOT / "bench" / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

@@ -51,8 +51,17 @@ def write(name: str, rows: list[dict], extra: dict | None = None) -> Path:
              f"python {m['python']}, torch {m['torch']}; {m['when']}.", "",
              "| measure | baseline | spinesweep | ratio | goal | met | measured |", "|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['what']} | {r['baseline']} | {r['value']} | {r['ratio']:.2f}x | {r['goal']} | "
-                     f"{'yes' if r['met'] else 'NO'} | {r['when']} |")
+        lines.append(f"| {r['what']} | {r['baseline']} | {r['value']} | {ratio_cell(r)} | {r['goal']} | "
+                     f"{met_cell(r)} | {r['when']} |")
     (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return RESULTS / f"{name}.json"
+
+
+def ratio_cell(row: dict) -> str:
+    return "-" if row.get("ratio") is None else f"{row['ratio']:.2f}x"
+
+
+def met_cell(row: dict) -> str:
+    """yes / NO, or "-" for a row without a goal or not measured (no GPU)."""
+    return "-" if row.get("met") is None else ("yes" if row["met"] else "NO")

@@ -119,3 +119,22 @@ def test_a_small_model_learns_the_phantom(config, tmp_path_factory):
     cfg = TrainConfig.from_yaml(root / config).with_overrides({"data.data_dir": str(data)})
     r = fit(cfg)
     assert r.score < 0.7 * r.prior_score, (r.score, r.prior_score, [h["score"] for h in r.history])
+
+
+def test_loader_workers_follow_the_core_share():
+    import torch
+
+    from trainer.fit import loader_workers
+
+    assert loader_workers(3, torch.device("cpu")) == 3  # what the config says, when it says
+    assert loader_workers(-1, torch.device("cpu")) == 0  # on the CPU every core already trains
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(4)  # a study worker's share of the cores
+        assert loader_workers(-1, torch.device("cuda")) == 3
+        torch.set_num_threads(32)
+        assert loader_workers(-1, torch.device("cuda")) == 8
+        torch.set_num_threads(1)
+        assert loader_workers(-1, torch.device("cuda")) == 1
+    finally:
+        torch.set_num_threads(threads)

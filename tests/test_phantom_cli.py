@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pydicom
+import pytest
 
 from trainer.data.layout import LABEL_COLUMNS, Layout
 from trainer.data.phantom import make_phantom
@@ -106,3 +107,50 @@ def test_data_check_counts_broken_input_and_still_exits_zero(phantom_copy):
 def test_data_check_exits_nonzero_only_when_the_layout_is_unreadable(tmp_path):
     r = run_cli("data", "check", "--data", str(tmp_path))
     assert r.returncode == 2 and "train.csv: file not found" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.fixture(scope="session")
+def real_phantom(tmp_path_factory) -> Path:
+    """Four studies at the competition's sizes (384-640 px, RLE lossless 12-bit, 1-3 axial series)."""
+    out = tmp_path_factory.mktemp("phantom_real")
+    make_phantom(out, studies=4, test_studies=0, seed=5, jobs=2, scale="real")
+    return out
+
+
+@pytest.mark.slow
+def test_realistic_phantom_has_real_sizes_and_rle_files(real_phantom):
+    files = sorted((real_phantom / "train_images").rglob("*.dcm"))
+    sizes = set()
+    for f in files[::7]:
+        ds = pydicom.dcmread(f, stop_before_pixels=True)
+        assert ds.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.5"  # RLE lossless
+        assert (ds.BitsAllocated, ds.BitsStored) == (16, 12)
+        sizes.add(int(ds.Rows))
+    assert min(sizes) >= 320 and max(sizes) <= 640
+    layout = Layout(real_phantom)
+    per_study = layout.train_series.groupby("study_id").size()
+    assert (per_study >= 3).all()  # two sagittal series and at least one axial
+    sag = [len(list(layout.series_dir(s, i).glob("*.dcm"))) for s in layout.study_ids
+           for i in layout.series_of(s)["Sagittal T2/STIR"]]
+    assert all(13 <= n <= 21 for n in sag)
+
+
+@pytest.mark.slow
+def test_realistic_phantom_through_data_check_and_one_epoch_of_train(real_phantom, tmp_path):
+    cache = tmp_path / "cache"
+    r = subprocess.run([sys.executable, "-m", "sweep.cli", "data", "check", "--data", str(real_phantom),
+                        "--cache-dir", str(cache), "--json", "--jobs", "2"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout)
+    layout = Layout(real_phantom)
+    assert summary["series_decoded"] == len(layout.train_series)  # every series, decoded once
+    assert summary["failures"] == {} and summary["crops_built"] >= 0.95 * summary["crops_expected"]
+    assert 0 < summary["cache_bytes"] <= summary["cache_budget"]
+    r = subprocess.run([sys.executable, "-m", "sweep.cli", "train", "--data", str(real_phantom), "--json",
+                        "model.backbone=test_efficientnet", "model.pretrained=false", "model.head=linear",
+                        "optim.epochs=1", "optim.batch_size=4", "data.img_size=64", "data.n_folds=2",
+                        f"data.cache_dir={cache}", "augment.crop_shift=0.1", "augment.crop_scale=0.1"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads(r.stdout)
+    assert out["n_train"] > 0 and np.isfinite(out["score"]) and len(out["history"]) == 1

@@ -306,6 +306,8 @@ def _train_epoch(model, loader, optimizer, scheduler, scaler, ema, cfg, device, 
     t_wait = time.perf_counter()
     for step, batch in enumerate(loader):
         data_s += time.perf_counter() - t_wait
+        if progress and step == 0:  # the first batch is here: training starts
+            progress("train", 0, len(loader))
         x = batch["image"].to(device, non_blocking=True)
         target, mask = _one_hot(batch["target"].to(device))
         if cfg.augment.mixup_p and mix_rng.random() < cfg.augment.mixup_p and len(x) > 1:

@@ -111,6 +111,7 @@ class VolumeStore:
         self.root = Path(cache_root) / "volumes"
         self.budget = int(budget if budget is not None else cache_budget())
         self._touched: set[tuple[int, int]] = set()
+        self._keys: dict[Path, str] = {}  # a series folder's key, listed once per store (one trial)
         if clean_old:
             self._drop_crop_cache(Path(cache_root) / "samples")
 
@@ -122,6 +123,11 @@ class VolumeStore:
         """(pixels, meta, lock) of one entry."""
         d = self.root / str(study_id)
         return d / f"{series_id}.npy", d / f"{series_id}.json", d / f".{series_id}.lock"
+
+    def _key(self, folder: Path) -> str:
+        if folder not in self._keys:
+            self._keys[folder] = files_key(folder)
+        return self._keys[folder]
 
     def _meta(self, ref: SeriesRef, key: str) -> dict | None:
         _, meta_path, _ = self.paths(ref.study_id, ref.series_id)
@@ -135,14 +141,14 @@ class VolumeStore:
         return meta if meta.get("key") == key else None
 
     def cached(self, ref: SeriesRef) -> bool:
-        return ref.folder.is_dir() and self._meta(ref, files_key(ref.folder)) is not None
+        return ref.folder.is_dir() and self._meta(ref, self._key(ref.folder)) is not None
 
     def ensure(self, ref: SeriesRef) -> bool:
         """Decode the series into the cache unless it is there already; True when this call built
         it. Another process building the same entry is waited for, never duplicated."""
         if not ref.folder.is_dir():
             raise FileNotFoundError(f"{ref.folder}: series folder not found")
-        key = files_key(ref.folder)
+        key = self._key(ref.folder)
         if self._meta(ref, key) is not None:
             return False
         npy, meta_path, lock = self.paths(ref.study_id, ref.series_id)
@@ -193,7 +199,7 @@ class VolumeStore:
         with no readable slice."""
         for _ in range(2):
             self.ensure(ref)
-            meta = self._meta(ref, files_key(ref.folder))
+            meta = self._meta(ref, self._key(ref.folder))
             if meta is None:  # the budget cannot hold it (warned): decode into memory
                 return read_series(ref.folder)
             if "error" in meta:
@@ -429,7 +435,7 @@ def _build(cache_root: Path, budget: int, ref: SeriesRef) -> tuple[bool, str | N
         built, error = False, None
         try:
             built = store.ensure(ref)
-            meta = store._meta(ref, files_key(ref.folder))
+            meta = store._meta(ref, store._key(ref.folder))
             if meta is not None and "error" in meta:
                 error = meta["error"]
         except FileNotFoundError as e:
