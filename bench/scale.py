@@ -47,7 +47,7 @@ from trainer.data.volumes import SeriesRef, VolumeStore
 layout = Layout(Path(sys.argv[1]))
 refs = [SeriesRef(s, i, layout.series_dir(s, i)) for s in layout.study_ids
         for ids in layout.series_of(s).values() for i in ids]
-store = VolumeStore(Path(sys.argv[2]), budget=1 << 50)
+store = VolumeStore(Path(sys.argv[2]), budget=int(sys.argv[4]) if len(sys.argv) > 4 else 1 << 50)
 t0 = time.perf_counter()
 r = store.prepare(refs, jobs=int(sys.argv[3]), progress=False)
 print(json.dumps(dict(seconds=time.perf_counter() - t0, decoded=r.decoded, failed=len(r.failed),
@@ -237,24 +237,50 @@ def main() -> None:
     for f in (data / "train_images").rglob("*.dcm"):  # both runs read from the page cache alike
         f.read_bytes()
 
-    # cold preprocessing, 1 process then 2, each into an empty cache
-    cold = {}
-    for jobs in (1, 2):
-        cache = work / f"cache_cold{jobs}"
+    # cold preprocessing into an empty cache, 1 process and 2, alternated twice (the best of each):
+    # each run starts after the previous one's cache is deleted and flushed, so no run pays for
+    # another's disk writes
+    cold: dict[int, dict] = {}
+    cache = work / "cache"
+    for jobs in (1, 2, 1, 2):
         shutil.rmtree(cache, ignore_errors=True)
-        cold[jobs] = py(PREPARE, data, cache, jobs)
-        print(f"cold preprocessing, {jobs} process(es): {cold[jobs]}", flush=True)
+        os.sync()
+        r = py(PREPARE, data, cache, jobs)
+        print(f"cold preprocessing, {jobs} process(es): {r}", flush=True)
+        if jobs not in cold or r["seconds"] < cold[jobs]["seconds"]:
+            cold[jobs] = r
+    # the same preprocessing under a budget of half what it needs: the cache is watched from outside
+    import threading
+
+    from trainer.data.volumes import VolumeStore
+
+    budget = cold[2]["bytes"] // 2
+    shutil.rmtree(work / "cache_budget", ignore_errors=True)
+    peak, stop = [0], threading.Event()
+
+    def watch():
+        while not stop.wait(0.2):
+            peak[0] = max(peak[0], VolumeStore(work / "cache_budget", clean_old=False).usage())
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        bounded = py(PREPARE, data, work / "cache_budget", 2, budget)
+    finally:
+        stop.set()
+        watcher.join()
+    peak[0] = max(peak[0], bounded["bytes"])
+    shutil.rmtree(work / "cache_budget", ignore_errors=True)
+    extra["bounded"] = dict(budget=budget, peak=peak[0], **bounded)
+    print(f"under a budget of {budget} bytes: peak {peak[0]}, {bounded}", flush=True)
     per_core = files / cold[1]["seconds"]
     projected = cold[1]["seconds"] * REAL_STUDIES / n / REAL_CORES
     speedup = cold[1]["seconds"] / cold[2]["seconds"]
-    cache = work / "cache_cold2"
     per_study = cold[2]["bytes"] / n
     extra.update(cold=cold, files_per_second_per_core=per_core, cache_bytes_per_study=per_study,
                  projected_cache_gib=per_study * REAL_STUDIES / 2**30)
 
     # new trials: only window_ratio, then only slice counts; the cache holds the base spec's volumes
-    from trainer.data.volumes import VolumeStore
-
     py(FIRST_STEP, json.dumps(trial_config(data, cache)))  # the base trial: plans and folds made
     trials = {}
     for name, change in (("window_ratio", dict(window_ratio=0.2)),
@@ -270,22 +296,26 @@ def main() -> None:
     print(f"data pipeline: {rate:.0f} samples/s per loader process", flush=True)
 
     rows = [
-        dict(what=f"cold preprocessing of {n} realistic studies ({files} files), s: 1 process vs 2",
-             baseline=f"{cold[1]['seconds']:.1f}", value=f"{cold[2]['seconds']:.1f}", ratio=speedup,
+        dict(what=f"cold preprocessing of {n} realistic studies, seconds: 1 process vs 2",
+             baseline=f"{cold[1]['seconds']:.1f}", value=f"{cold[2]['seconds']:.1f} ({files} files)", ratio=speedup,
              goal=">= 1.7x", met=speedup >= 1.7),
-        dict(what=f"cold preprocessing projected to {REAL_STUDIES} studies on {REAL_CORES} cores, min "
-                  f"({per_core:.0f} files/s per core measured)",
-             baseline="10.0", value=f"{projected / 60:.1f}", ratio=projected / 600, goal="<= 1.0x (10 min)",
-             met=projected <= 600),
-        dict(what=f"volume cache per study, MB (projected {REAL_STUDIES} studies: "
-                  f"{per_study * REAL_STUDIES / 2**30:.0f} GiB, default budget 64 GiB)",
-             baseline="-", value=f"{per_study / 2**20:.1f}", ratio=None, goal="-", met=None),
+        dict(what=f"cold preprocessing projected to {REAL_STUDIES} studies on {REAL_CORES} cores, minutes",
+             baseline="10.0", value=f"{projected / 60:.1f} ({per_core:.0f} files/s per core)", ratio=projected / 600,
+             goal="<= 1.0x (10 min)", met=projected <= 600),
+        dict(what=f"volume cache per study, MB (projected to {REAL_STUDIES} studies; default budget 64 GiB)",
+             baseline="-", value=f"{per_study / 2**20:.1f} ({per_study * REAL_STUDIES / 2**30:.0f} GiB)", ratio=None,
+             goal="-", met=None),
     ]
+    rows.append(dict(what="volume cache under a budget of half the set's bytes: largest size seen while "
+                          "preprocessing (sampled every 0.2 s) vs the budget, MB",
+                     baseline=f"{budget / 2**20:.0f}", value=f"{peak[0] / 2**20:.0f}", ratio=peak[0] / budget,
+                     goal="<= 1.0x", met=peak[0] <= budget))
     for name, t in trials.items():
-        rows.append(dict(what=f"new trial, only {name} changed: seconds from fit() to its first batch "
-                              f"({n} studies; {t['bytes_added']} bytes added to the cache, goal <= 100 MB)",
-                         baseline="10.0", value=f"{t['seconds']:.1f}", ratio=t["seconds"] / 10,
-                         goal="<= 1.0x (10 s)", met=t["seconds"] <= 10 and t["bytes_added"] <= 100 * 2**20))
+        rows.append(dict(what=f"new trial, only {name} changed: seconds from fit() to its first batch, "
+                              f"and bytes added to the cache ({n} studies)",
+                         baseline="10.0", value=f"{t['seconds']:.1f} s, {t['bytes_added']} bytes",
+                         ratio=t["seconds"] / 10, goal="<= 10 s, <= 100 MB",
+                         met=t["seconds"] <= 10 and t["bytes_added"] <= 100 * 2**20))
     rows.append(dict(what="data pipeline samples/s per loader process (5 conditions, 14 slices, medium "
                           f"augmentation, 224 px) x {LOADER_WORKERS} workers vs GPU bare loop (b0, 224, bf16)",
                      baseline=NO_GPU, value=f"{rate:.0f} x {LOADER_WORKERS} = {rate * LOADER_WORKERS:.0f}",

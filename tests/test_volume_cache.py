@@ -133,11 +133,20 @@ def test_a_builder_killed_mid_write_leaves_nothing_that_is_trusted(layout, tmp_p
     assert store.cached(ref) and not list(npy.parent.glob("*.tmp"))
 
 
-def test_parallel_cold_preprocessing_equals_serial(layout, tmp_path):
+@pytest.mark.parametrize("other_thread", [False, True], ids=["fork", "forkserver"])
+def test_parallel_cold_preprocessing_equals_serial(layout, tmp_path, other_thread):
+    import threading
+
     refs = refs_of(layout, 3)
     serial, parallel = VolumeStore(tmp_path / "a"), VolumeStore(tmp_path / "b")
     r1 = serial.prepare(refs, jobs=1, progress=False)
-    r2 = parallel.prepare(refs, jobs=2, progress=False)
+    stop = threading.Event()
+    if other_thread:  # a study worker's heartbeat, say: the workers then come from a fork server
+        threading.Thread(target=stop.wait, daemon=True).start()
+    try:
+        r2 = parallel.prepare(refs, jobs=2, progress=False)
+    finally:
+        stop.set()
     assert (r1.decoded, r2.decoded, r2.jobs) == (len(refs), len(refs), 2) and not r1.failed and not r2.failed
     for r in refs:
         a, b = serial.open(r), parallel.open(r)

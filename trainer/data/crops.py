@@ -101,7 +101,7 @@ def crop_stack(volume: Volume, index: int, x: float, y: float, n: int, ratio: fl
     point = pixel_to_patient(volume, index, x, y)
     out = np.zeros((n, size, size), dtype=np.uint8) if out is None else out
     for k, off in enumerate(range(-(n // 2), n - n // 2)):
-        j = int(np.clip(index + off, 0, len(volume) - 1))
+        j = min(max(index + off, 0), len(volume) - 1)
         xj, yj = (x, y) if j == index else patient_to_pixel(volume, j, point)[:2]
         out[k] = crop_resize(volume.images[j], xj, yj, ratio, size)
     return out

@@ -36,6 +36,14 @@ class Volume:
     def __len__(self) -> int:
         return len(self.images)
 
+    def normals(self) -> np.ndarray:
+        """(S, 3) unit slice normals (row direction x column direction), computed once: crops are
+        cut on every sample, and they project points through the neighbouring slices."""
+        if getattr(self, "_normals", None) is None or len(self._normals) != len(self.orientations):
+            n = np.cross(self.orientations[:, :3], self.orientations[:, 3:])
+            self._normals = np.array([v / np.linalg.norm(v) for v in n]).reshape(-1, 3)
+        return self._normals
+
     def index_of_instance(self, instance_number: int) -> int | None:
         hits = np.flatnonzero(self.instance_numbers == instance_number)
         return int(hits[0]) if len(hits) else None

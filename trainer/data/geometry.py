@@ -12,9 +12,7 @@ from .dicom import Volume
 
 
 def slice_normal(volume: Volume, index: int = 0) -> np.ndarray:
-    o = volume.orientations[index]
-    n = np.cross(o[:3], o[3:])
-    return n / np.linalg.norm(n)
+    return volume.normals()[index]
 
 
 def pixel_to_patient(volume: Volume, index: int, x: float, y: float) -> np.ndarray:
