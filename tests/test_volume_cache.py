@@ -153,3 +153,19 @@ def test_parallel_cold_preprocessing_equals_serial(layout, tmp_path, other_threa
         assert len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a.images, b.images))
         np.testing.assert_array_equal(a.positions, b.positions)
     assert parallel.prepare(refs, jobs=2, progress=False).reused == len(refs)
+
+
+def test_the_caches_of_earlier_versions_are_removed_once(tmp_path):
+    old_crops = tmp_path / "samples" / "abc123" / "1.npy"
+    old_volume = tmp_path / "volumes" / "1" / "2.npz"
+    for f in (old_crops, old_volume):
+        f.parent.mkdir(parents=True)
+        f.write_bytes(b"x" * 1000)
+    with pytest.warns(CacheWarning, match="removed the caches of an earlier spinesweep"):
+        VolumeStore(tmp_path)
+    assert not old_crops.exists() and not old_volume.exists()
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        VolumeStore(tmp_path)  # nothing left to say

@@ -113,7 +113,7 @@ class VolumeStore:
         self._touched: set[tuple[int, int]] = set()
         self._keys: dict[Path, str] = {}  # a series folder's key, listed once per store (one trial)
         if clean_old:
-            self._drop_crop_cache(Path(cache_root) / "samples")
+            self._drop_old_caches(Path(cache_root) / "samples")
 
     def __repr__(self) -> str:
         return f"VolumeStore({self.root}, budget={self.budget / 2**30:.1f} GiB)"
@@ -376,16 +376,22 @@ class VolumeStore:
                           CacheWarning, stacklevel=4)
         return used
 
-    @staticmethod
-    def _drop_crop_cache(folder: Path) -> None:
-        """The crop cache of earlier versions (``samples/``) is never read any more: free its space."""
-        if folder.is_dir():
-            import shutil
+    def _drop_old_caches(self, samples: Path) -> None:
+        """What earlier spinesweep versions cached is never read any more: the crop cache
+        (``samples/``) and ``.npz`` volumes. Free their space once, saying so."""
+        import shutil
 
-            size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
-            shutil.rmtree(folder, ignore_errors=True)
-            warnings.warn(f"{folder}: removed the crop cache of an earlier spinesweep ({size / 2**20:.0f} MB); crops "
-                          "are now cut on the fly from the volume cache", CacheWarning, stacklevel=3)
+        old = [f for f in samples.rglob("*") if f.is_file()] if samples.is_dir() else []
+        npz = list(self.root.glob("*/*.npz")) if self.root.is_dir() else []
+        if not old and not npz:
+            return
+        size = sum(f.stat().st_size for f in old + npz)
+        shutil.rmtree(samples, ignore_errors=True)
+        for f in npz:
+            f.unlink(missing_ok=True)
+        warnings.warn(f"{samples.parent}: removed the caches of an earlier spinesweep ({size / 2**20:.0f} MB: crops "
+                      "per spec and .npz volumes); volumes are now memory-mapped and crops cut on the fly",
+                      CacheWarning, stacklevel=3)
 
 
 @dataclass
