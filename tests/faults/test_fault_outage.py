@@ -180,5 +180,5 @@ def test_a_corrupt_cache_entry_is_detected_and_rebuilt(phantom_dir, tmp_path):
     npy.write_bytes(npy.read_bytes()[: len(npy.read_bytes()) // 2])  # truncated, as by a crash
     source = SampleSource(layout, spec, VolumeStore(tmp_path / "cache"))
     with pytest.warns(UserWarning, match="corrupt cache entry"):
-        report = source.prepare([sid])
+        source.prepare([sid])
     assert np.array_equal(source.study_crops(sid).images, good)
