@@ -4,12 +4,15 @@
   for a true Normal/Mild / Moderate / Severe); rows whose label is empty are absent (not scored).
 - submission: ``row_id, normal_mild, moderate, severe``.
 
-Predictions are normalised per row (sum 1), then clipped to [eps, 1 - eps]. Groups: ``spinal``,
+Exactly as the host computes it, with the scikit-learn `log_loss` of the competition (2024: clip
+to [eps, 1 - eps], then normalise rows), unnormalised submissions included. Groups: ``spinal``,
 ``foraminal`` (left and right pooled), ``subarticular`` (pooled); each a weighted log loss
-``sum(w * -log p_true) / sum(w)``. ``any_severe_spinal``: per study, label 1 if any spinal level is
-Severe, weight = the largest sample_weight of its spinal rows, prediction = the largest predicted
-``severe``; weighted binary log loss. The score is the plain mean of the losses of the groups the
-solution covers (``any_severe_spinal`` counts when ``spinal`` does).
+``sum(w * -log p_true) / sum(w)`` of the clipped and row-normalised predictions.
+``any_severe_spinal``: per study, label 1 if any spinal level is Severe, weight = the largest
+sample_weight of its spinal rows, prediction = the largest ``severe`` value *as submitted* (not
+normalised: a post-processed submission that scales ``severe`` up scores as on the leaderboard),
+clipped to [eps, 1 - eps]; weighted binary log loss. The score is the plain mean of the losses of
+the groups the solution covers (``any_severe_spinal`` counts when ``spinal`` does).
 """
 from __future__ import annotations
 
@@ -70,11 +73,9 @@ def score_groups(solution: pd.DataFrame, submission: pd.DataFrame) -> ScoreResul
     absent = merged[pred_cols].isna().any(axis=1)
     if absent.any():
         raise MetricError(f"submission lacks {int(absent.sum())} scored row(s), e.g. {merged.loc[absent, 'row_id'].iloc[0]}")
-    pred = merged[pred_cols].to_numpy(dtype=np.float64)
-    sums = pred.sum(axis=1, keepdims=True)
-    if (sums <= 0).any():
-        raise MetricError("submission has a row whose probabilities sum to 0")
-    pred = np.clip(pred / sums, EPS, 1 - EPS)
+    raw = merged[pred_cols].to_numpy(dtype=np.float64)
+    pred = np.clip(raw, EPS, 1 - EPS)
+    pred = pred / pred.sum(axis=1, keepdims=True)
     truth = merged[cols].to_numpy(dtype=np.float64)
     weight = merged["sample_weight"].to_numpy(dtype=np.float64)
     condition = _condition_of_row(merged["row_id"])
@@ -91,7 +92,7 @@ def score_groups(solution: pd.DataFrame, submission: pd.DataFrame) -> ScoreResul
     if "spinal" in losses:
         m = (group == "spinal").to_numpy()
         study = merged.loc[m, "row_id"].str.split("_", n=1).str[0].to_numpy()
-        spinal = pd.DataFrame({"study": study, "label": truth[m, 2], "weight": weight[m], "p": pred[m, 2]})
+        spinal = pd.DataFrame({"study": study, "label": truth[m, 2], "weight": weight[m], "p": raw[m, 2]})
         per_study = spinal.groupby("study").agg(label=("label", "max"), weight=("weight", "max"), p=("p", "max"))
         y, w, p = (per_study[c].to_numpy() for c in ("label", "weight", "p"))
         p = np.clip(p, EPS, 1 - EPS)
