@@ -29,7 +29,7 @@ from trainer.data.dataset import SpineDataset  # noqa: E402
 from trainer.data.layout import Layout  # noqa: E402
 from trainer.data.samples import SampleSource  # noqa: E402
 from trainer.data.volumes import VolumeStore  # noqa: E402
-from trainer.fit import _split, fit  # noqa: E402
+from trainer.fit import fit, train_val_split  # noqa: E402
 from trainer.models import build_model  # noqa: E402
 
 CONFIG = dict(model=dict(backbone="resnet10t", pretrained=False, head="lstm", rnn_hidden=32),
@@ -42,7 +42,7 @@ def bare_loop(cfg: TrainConfig, epochs: int) -> float:
     torch.manual_seed(cfg.seed)
     layout = Layout(Path(cfg.data.data_dir))
     cache = default_cache_dir(cfg.data.cache_dir)
-    train_ids, _ = _split(layout, cfg, cache, data_fingerprint(layout))
+    train_ids, _ = train_val_split(layout, cfg, cache, data_fingerprint(layout))
     spec = CropSpec.from_config(cfg.data)
     store = SampleSource(layout, spec, VolumeStore(cache))
     store.prepare(train_ids)

@@ -1,11 +1,11 @@
-"""Figure builders: plain data from `dashboards.info` in, plotly figures out (plotly imported
-lazily). Each returns None when its data is empty, and the report says so in words instead."""
+"""Figure builders. The six standard ones come from `optuna.visualization` (`optuna_figure`); the
+project's own, for what Optuna cannot know (learning curves, confusion matrices, reliability of the
+OOF probabilities, the study against the imported manual log), take plain data from
+`dashboards.info`. Each returns None when its data is empty, and the report says so in words."""
 from __future__ import annotations
 
 from typing import Any
 
-STATE_COLOURS = {"COMPLETE": "#1f77b4", "PRUNED": "#ff7f0e", "FAIL": "#d62728", "RUNNING": "#2ca02c",
-                 "WAITING": "#7f7f7f"}
 CLASSES = ["normal/mild", "moderate", "severe"]
 
 
@@ -21,115 +21,42 @@ def _layout(fig, title: str, x: str = "", y: str = "", height: int = 420):
     return fig
 
 
-def history(data: dict[str, list], direction: str = "minimize"):
-    if not data["number"]:
+# the figures Optuna draws itself, on the study without its imported trials
+OPTUNA_FIGURES = {
+    "history": ("plot_optimization_history", "Optimisation history"),
+    "importances": ("plot_param_importances", "Parameter importances (Optuna's default evaluator)"),
+    "parallel": ("plot_parallel_coordinate", "Parallel coordinates (completed trials)"),
+    "slices": ("plot_slice", "Slice plots: score against each parameter"),
+    "intermediate": ("plot_intermediate_values", "Intermediate values: the best validation score so far per epoch"),
+    "timeline": ("plot_timeline", "Trial timeline"),
+}
+
+
+def optuna_figure(name: str, study):
+    """One of `optuna.visualization`'s figures, or None when the study has nothing to draw (no
+    completed trial, a single one for importances, no reported value...)."""
+    import warnings
+
+    import optuna
+    import optuna.visualization as vis
+
+    fn, title = OPTUNA_FIGURES[name]
+    states = [t.state for t in study.get_trials(deepcopy=False)]
+    done = states.count(optuna.trial.TrialState.COMPLETE)
+    if not states or (name in ("history", "parallel", "slices") and not done) or (name == "importances" and done < 2):
         return None
-    go = _go()
-    fig = go.Figure()
-    for state in ("COMPLETE", "PRUNED"):
-        idx = [i for i, s in enumerate(data["state"]) if s == state]
-        if idx:
-            label = "complete" if state == "COMPLETE" else "pruned (last reported value)"
-            fig.add_trace(go.Scatter(x=[data["number"][i] for i in idx], y=[data["value"][i] for i in idx],
-                                     mode="markers", name=label, marker=dict(color=STATE_COLOURS[state], size=9)))
-    fig.add_trace(go.Scatter(x=data["number"], y=data["best"], mode="lines", name="best so far",
-                             line=dict(color="#2ca02c", shape="hv")))
-    return _layout(fig, f"Optimisation history ({direction})", "trial", "score (lower is better)")
-
-
-def importances(data: dict[str, float]):
-    if not data:
+    if name == "intermediate" and not any(t.intermediate_values for t in study.get_trials(deepcopy=False)):
         return None
-    go = _go()
-    names = list(data)[::-1]
-    fig = go.Figure(go.Bar(x=[data[n] for n in names], y=names, orientation="h", marker_color="#1f77b4"))
-    return _layout(fig, "Parameter importances (Optuna's default evaluator)", "importance", "",
-                   height=max(260, 60 + 40 * len(names)))
-
-
-def parallel(table: dict[str, Any]):
-    if len(table["number"]) < 2 or not table["params"]:
+    try:
+        with warnings.catch_warnings():  # experimental-API and small-study chatter
+            warnings.simplefilter("ignore")
+            fig = getattr(vis, fn)(study)
+    except (RuntimeError, ValueError, ZeroDivisionError):  # e.g. importances when nothing varies
         return None
-    go = _go()
-    dims = []
-    for name, col in table["params"].items():
-        vals = col["values"]
-        if col["categorical"]:
-            choices = col["choices"]
-            dims.append(dict(label=name, values=[choices.index(str(v)) if v is not None else -1 for v in vals],
-                             tickvals=list(range(len(choices))), ticktext=choices))
-        else:
-            import math
-
-            dims.append(dict(label=name + (" (log10)" if col["log"] else ""),
-                             values=[math.log10(v) if col["log"] and v else v for v in vals]))
-    dims.append(dict(label="score", values=table["value"]))
-    fig = go.Figure(go.Parcoords(line=dict(color=table["value"], colorscale="Viridis_r", showscale=True),
-                                 dimensions=dims))
-    return _layout(fig, "Parallel coordinates (completed trials; colour = score)")
-
-
-def slices(table: dict[str, Any]):
-    if not table["number"] or not table["params"]:
+    if not fig.data:
         return None
-    go = _go()
-    from plotly.subplots import make_subplots
-
-    names = list(table["params"])
-    cols = min(3, len(names))
-    rows = (len(names) + cols - 1) // cols
-    fig = make_subplots(rows=rows, cols=cols, subplot_titles=names)
-    for i, name in enumerate(names):
-        col = table["params"][name]
-        pairs = [(v, y, n) for v, y, n in zip(col["values"], table["value"], table["number"]) if v is not None]
-        r, c = i // cols + 1, i % cols + 1
-        fig.add_trace(go.Scatter(x=[str(p[0]) if col["categorical"] else p[0] for p in pairs],
-                                 y=[p[1] for p in pairs], mode="markers", showlegend=False,
-                                 marker=dict(color=[p[2] for p in pairs], colorscale="Blues", size=8,
-                                             line=dict(width=0.5, color="#333")),
-                                 text=[f"trial {p[2]}" for p in pairs]), row=r, col=c)
-        if col["log"]:
-            fig.update_xaxes(type="log", row=r, col=c)
-    return _layout(fig, "Slice plots: score against each parameter (colour = trial number)",
-                   height=max(320, 300 * rows))
-
-
-def intermediate(data: list[dict]):
-    if not data:
-        return None
-    go = _go()
-    fig = go.Figure()
-    for t in data:
-        colour = STATE_COLOURS.get(t["state"], "#7f7f7f")
-        fig.add_trace(go.Scatter(x=t["steps"], y=t["values"], mode="lines", name=f"trial {t['number']}",
-                                 line=dict(color=colour, width=1.5), legendgroup=t["state"]))
-        if t["pruned_at"] is not None:
-            fig.add_trace(go.Scatter(x=[t["pruned_at"]], y=[t["values"][-1]], mode="markers", showlegend=False,
-                                     marker=dict(symbol="x", size=11, color=STATE_COLOURS["PRUNED"]),
-                                     hovertext=f"trial {t['number']} pruned at step {t['pruned_at']}"))
-    return _layout(fig, "Intermediate values (blue: complete, orange: pruned at the x)", "step (global epoch)",
-                   "best validation score so far")
-
-
-def timeline(data: list[dict]):
-    if not data:
-        return None
-    go = _go()
-    import datetime as dt
-
-    fig = go.Figure()
-    seen = set()
-    for t in data:
-        start = dt.datetime.fromisoformat(t["start"])
-        fig.add_trace(go.Bar(base=[t["start"]], x=[max(t["seconds"], 0.5) * 1000], y=[t["worker"]], orientation="h",
-                             marker_color=STATE_COLOURS.get(t["state"], "#7f7f7f"), name=t["state"].lower(),
-                             showlegend=t["state"] not in seen, legendgroup=t["state"],
-                             hovertext=f"trial {t['number']} ({t['state'].lower()}, {t['seconds']:.0f} s, "
-                                       f"from {start:%H:%M:%S})"))
-        seen.add(t["state"])
-    fig.update_xaxes(type="date")
-    return _layout(fig, "Trial timeline per worker", "time", "worker", height=max(260, 120 + 60 * len(
-        {t["worker"] for t in data})))
+    fig.update_layout(title=title, template="plotly_white", height=max(420, fig.layout.height or 0))  # axes: Optuna's
+    return fig
 
 
 def learning_curves(data: dict[str, Any], title: str):

@@ -13,6 +13,9 @@ from typing import Any
 
 import optuna
 
+from sweep.tracking import Tracker
+from sweep.trials import best_trial, own_trials, without_legacy
+
 from . import figures, info
 
 _ERRORS_JS = """<script>
@@ -34,38 +37,36 @@ table { border-collapse: collapse; } td, th { padding: 2px 10px; text-align: lef
 </style>"""
 
 
-def collect(study: optuna.Study, client=None, legacy_experiment: str = "legacy") -> dict[str, Any]:
-    """Everything the report shows, as plain data (figures are built from it)."""
+def collect(study: optuna.Study, tracker: Tracker | None = None, legacy_experiment: str = "legacy") -> dict[str, Any]:
+    """What the project's own figures show, as plain data (from the best trial's MLflow run)."""
     data: dict[str, Any] = {
-        "history": info.history(study),
-        "importances": info.importances(study),
-        "params": info.param_table(study),
-        "intermediate": info.intermediate(study),
-        "timeline": info.timeline(study),
         "best_run": info.best_run_id(study),
         "curves": {"folds": []}, "confusion": {}, "calibration": {"predicted": [], "observed": [], "count": []},
         "legacy": {"legacy": [], "study": []},
     }
-    if client is not None:
+    if tracker is not None:
         run_id = data["best_run"]
         if run_id:
-            data["curves"] = info.learning_curves(client, run_id)
-            data["confusion"] = info.confusion(client, run_id)
-            oof, sol = info.run_frames(client, run_id)
+            data["curves"] = info.learning_curves(tracker, run_id)
+            data["confusion"] = info.confusion(tracker, run_id)
+            oof, sol = info.run_frames(tracker, run_id)
             if oof is not None and sol is not None:
                 data["calibration"] = info.calibration(oof, sol)
-        data["legacy"] = info.against_legacy(study, client, legacy_experiment)
+        data["legacy"] = info.against_legacy(study, tracker, legacy_experiment)
     return data
 
 
+def _optuna(name: str):
+    return lambda d, s: figures.optuna_figure(name, without_legacy(s))
+
+
 SECTIONS = [  # name, builder, why it can be empty
-    ("history", lambda d, s: figures.history(d["history"], s.direction.name.lower()), "no finished trial yet"),
-    ("importances", lambda d, s: figures.importances(d["importances"]),
-     "needs at least two completed trials with a parameter that varies"),
-    ("parallel", lambda d, s: figures.parallel(d["params"]), "needs at least two completed trials"),
-    ("slices", lambda d, s: figures.slices(d["params"]), "no completed trial yet"),
-    ("intermediate", lambda d, s: figures.intermediate(d["intermediate"]), "no trial reported a value yet"),
-    ("timeline", lambda d, s: figures.timeline(d["timeline"]), "no trial started yet"),
+    ("history", _optuna("history"), "no completed trial yet"),
+    ("importances", _optuna("importances"), "needs at least two completed trials with a parameter that varies"),
+    ("parallel", _optuna("parallel"), "no completed trial yet"),
+    ("slices", _optuna("slices"), "no completed trial yet"),
+    ("intermediate", _optuna("intermediate"), "no trial reported a value yet"),
+    ("timeline", _optuna("timeline"), "no trial started yet"),
     ("curves", lambda d, s: figures.learning_curves(d["curves"], f"Learning curves of the best trial "
                                                                  f"(MLflow run {d['best_run']})"),
      "the best trial's run has no history.csv (or no MLflow store was given)"),
@@ -77,11 +78,12 @@ SECTIONS = [  # name, builder, why it can be empty
 ]
 
 
-def write_report(study: optuna.Study, out: str | Path, client=None, tracking_uri: str = "") -> dict[str, Any]:
+def write_report(study: optuna.Study, out: str | Path, tracker: Tracker | None = None,
+                 tracking_uri: str = "") -> dict[str, Any]:
     """Write the HTML report; returns {figures: [...], empty: {name: why}, path}."""
-    data = collect(study, client)
+    data = collect(study, tracker)
     trials = study.get_trials(deepcopy=False)
-    own = [t for t in trials if t.user_attrs.get("source") != "legacy"]
+    own = own_trials(study)
     counts = {s.name.lower(): sum(t.state == s for t in own) for s in optuna.trial.TrialState}
     parts, built, empty = [], [], {}
     first = True
@@ -98,9 +100,8 @@ def write_report(study: optuna.Study, out: str | Path, client=None, tracking_uri
         first = False
         parts.append(f'<section data-figure="{name}">{div}</section>')
     best = ""
-    done = [t for t in own if t.state == optuna.trial.TrialState.COMPLETE]
-    if done:
-        b = min(done, key=lambda t: t.value) if study.direction.name == "MINIMIZE" else max(done, key=lambda t: t.value)
+    b = best_trial(study)
+    if b is not None:
         rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(f'{v:.4g}' if isinstance(v, float) else str(v))}"
                        f"</td></tr>" for k, v in b.params.items())
         best = (f"<p>Best trial <b>{b.number}</b>: score <b>{b.value:.4f}</b>, MLflow run "

@@ -1,7 +1,8 @@
 """One trial: sample a config, train the space's folds with `trainer.fit`, report to Optuna every
 epoch (or every fold for fold-wise pruners), log everything to the trial's MLflow child run.
 
-The trainer stays ignorant of both: this module hands it two plain callbacks.
+The trainer stays ignorant of both: this module hands it two plain callbacks (through
+`evaluate.evaluate_folds`, the fold loop a trial shares with `reproduce` and `promote`).
 """
 from __future__ import annotations
 
@@ -17,11 +18,9 @@ from pathlib import Path
 import optuna
 import pandas as pd
 
-from trainer.config import TrainConfig
-from trainer.metric import score_groups
-
-from .space import SearchSpace
-from .tracking import Tracker
+from .evaluate import FoldHooks, evaluate_folds
+from .space import SearchSpace, Settings
+from .tracking import MlflowCurves, Tracker
 
 
 @dataclass
@@ -34,13 +33,11 @@ class TrialContext:
     tracking_uri: str
     experiment_id: str
     parent_run_id: str
-    base_overrides: dict  # fixed values + smoke caps + --set + data_dir, applied over the space
-    smoke: bool
-    caps: dict  # --smoke caps and --set values: applied after sampling, and never sampled
+    settings: Settings  # data folder, --smoke, --set values, the worker's device
     tags: dict  # invocation-wide tags: git commit, data fingerprint, versions, space hash
 
 
-class _Reporter:
+class Reporter:
     """fit callback: report to Optuna at a global step and ask the pruner.
 
     The value reported is the fold's best score so far: what the trial would be worth if it
@@ -49,15 +46,13 @@ class _Reporter:
 
     __name__ = "optuna_pruner"
 
-    def __init__(self, trial: optuna.Trial, offset: int, per_epoch: bool, last_step: int, direction: str):
-        self.trial, self.offset, self.per_epoch, self.last_step = trial, offset, per_epoch, last_step
+    def __init__(self, trial: optuna.Trial, offset: int, last_step: int, direction: str):
+        self.trial, self.offset, self.last_step = trial, offset, last_step
         self.better = min if direction == "minimize" else max
         self.best: float | None = None
         self.pruned_at: int | None = None
 
     def __call__(self, epoch: int, metrics: dict) -> bool:
-        if not self.per_epoch:
-            return False
         step = self.offset + epoch
         self.best = metrics["score"] if self.best is None else self.better(self.best, metrics["score"])
         self.trial.report(self.best, step)
@@ -67,19 +62,36 @@ class _Reporter:
         return False
 
 
-class _MlflowCurves:
-    """fit callback: per-epoch metrics into the child run, at the same global step."""
+class TrialFolds(FoldHooks):
+    """A trial's folds: curves into its MLflow run, reports to Optuna every epoch (or, for a
+    fold-wise pruner, every fold), fold artifacts into the run's folder."""
 
-    __name__ = "mlflow_curves"
+    def __init__(self, trial: optuna.Trial, space: SearchSpace, tracker: Tracker, run_id: str, epochs: int,
+                 artifacts: Path):
+        self.trial, self.space, self.tracker, self.run_id = trial, space, tracker, run_id
+        self.epochs, self.artifacts = epochs, artifacts
+        self.n = len(space.folds)
+        self.pruned_at: int | None = None
+        self.reporter: Reporter | None = None
 
-    def __init__(self, tracker: Tracker, run_id: str, offset: int, fold: int, n_folds: int):
-        self.tracker, self.run_id, self.offset, self.fold, self.n_folds = tracker, run_id, offset, fold, n_folds
+    def callbacks(self, i: int, fold: int) -> list:
+        offset = i * self.epochs
+        out = [MlflowCurves(self.tracker, self.run_id, offset, fold, self.n)]
+        self.reporter = None
+        if not self.space.fold_wise:
+            self.reporter = Reporter(self.trial, offset, self.n * self.epochs, self.space.direction)
+            out.append(self.reporter)
+        return out
 
-    def __call__(self, epoch: int, metrics: dict) -> None:
-        m = {k: v for k, v in metrics.items() if k != "epoch"}
-        if self.n_folds > 1:
-            m.update({f"fold{self.fold}_{k}": v for k, v in list(m.items())})
-        self.tracker.log_metrics(self.run_id, m, step=self.offset + epoch)
+    def done(self, i: int, fold: int, result) -> bool:
+        _fold_artifacts(self.artifacts, result, fold, self.n)
+        if self.reporter is not None and self.reporter.pruned_at is not None:
+            self.pruned_at = self.reporter.pruned_at
+        elif self.space.fold_wise:  # Wilcoxon: one value per fold, compared fold by fold
+            self.trial.report(result.score, fold)
+            if self.trial.should_prune():
+                self.pruned_at = fold
+        return self.pruned_at is not None
 
 
 def _device_tag(worker: dict, device: str) -> str:
@@ -94,24 +106,21 @@ def _device_tag(worker: dict, device: str) -> str:
 
 
 def run_trial(trial: optuna.Trial, space: SearchSpace, ctx: TrialContext, tracker: Tracker,
-              worker: dict, fit_fn=None) -> tuple[optuna.trial.TrialState, float | None, str]:
+              worker: dict, retry_of: int | None = None) -> tuple[optuna.trial.TrialState, float | None, str]:
     """Run one trial; returns (state, value, message) for `study.tell`. Never raises for a trial's
     own failure: it is recorded as FAILED in both Optuna and MLflow and the study goes on.
+    `retry_of`: the number of the trial this one retries (its worker died).
 
     MLflow calls are few on purpose (each is a store transaction): the run with its tags, one batch
     of params and sampled values, one batch of metrics per epoch, the artifacts folder once at the
     end (pruned and failed runs included), one final batch."""
-    if fit_fn is None:
-        from trainer.fit import fit as fit_fn
-
-    base = TrainConfig().with_overrides(ctx.base_overrides)
-    system_attrs = trial.study._storage.get_trial_system_attrs(trial._trial_id)
+    base = space.config(ctx.settings)
     run_name = f"{space.name}-t{trial.number}"
     run_id = tracker.start_run(ctx.experiment_id, run_name, parent_run_id=ctx.parent_run_id, tags={
         **ctx.tags, "study": ctx.study_name, "trial": trial.number, "worker": worker.get("name", "0"),
         "device": _device_tag(worker, base.device), "spinesweep.folds": ",".join(map(str, space.folds)),
-        **({"smoke": "true"} if ctx.smoke else {}),
-        **({"retry_of": system_attrs["failed_trial"]} if "failed_trial" in system_attrs else {}),
+        **({"smoke": "true"} if ctx.settings.smoke else {}),
+        **({"retry_of": retry_of} if retry_of is not None else {}),
     })
     trial.set_user_attr("mlflow_run_id", run_id)
     trial.set_user_attr("worker", worker.get("name", "0"))
@@ -119,40 +128,23 @@ def run_trial(trial: optuna.Trial, space: SearchSpace, ctx: TrialContext, tracke
     t0 = time.perf_counter()
     artifacts = Path(tempfile.mkdtemp(prefix=f"spinesweep-t{trial.number}-artifacts-"))
     try:
-        sampled = space.suggest(trial, base, pinned=set(ctx.caps))
-        cfg = base.with_overrides(sampled).with_overrides(ctx.caps)
+        cfg = space.config(ctx.settings, space.suggest(trial, base, never=ctx.settings.never_sampled(space)))
         tracker.log_batch(run_id, params=cfg.to_flat(), tags={f"optuna.{k}": v for k, v in trial.params.items()})
         (artifacts / "config.yaml").write_text(cfg.to_yaml())
-        oofs, solutions, results = [], [], []
-        for i, fold in enumerate(space.folds):
-            fold_cfg = cfg.with_overrides({"data.fold": fold,
-                                           "output_dir": tempfile.mkdtemp(prefix=f"spinesweep-t{trial.number}-")})
-            offset = i * cfg.optim.epochs
-            reporter = _Reporter(trial, offset, per_epoch=not space.fold_wise,
-                                 last_step=len(space.folds) * cfg.optim.epochs, direction=space.direction)
-            curves = _MlflowCurves(tracker, run_id, offset, fold, len(space.folds))
-            result = fit_fn(fold_cfg, callbacks=[curves, reporter])
-            results.append(result)
-            oofs.append(result.oof)
-            solutions.append(result.solution)
-            _fold_artifacts(artifacts, result, fold, len(space.folds))
-            shutil.rmtree(fold_cfg.output_dir, ignore_errors=True)
-            if reporter.pruned_at is not None:
-                return _pruned(trial, tracker, run_id, reporter.pruned_at, artifacts)
-            if space.fold_wise:  # Wilcoxon: one value per fold, compared fold by fold
-                trial.report(result.score, fold)
-                if trial.should_prune():
-                    return _pruned(trial, tracker, run_id, fold, artifacts)
-        oof, solution = pd.concat(oofs, ignore_index=True), pd.concat(solutions, ignore_index=True)
-        total = score_groups(solution, oof)
+        hooks = TrialFolds(trial, space, tracker, run_id, cfg.optim.epochs, artifacts)
+        folds = evaluate_folds(cfg, space.folds, hooks, prefix=f"spinesweep-t{trial.number}-")
+        if folds.stopped:
+            return _pruned(trial, tracker, run_id, hooks.pruned_at, artifacts)
+        total = folds.score()
         if not math.isfinite(total.score):
             raise FloatingPointError(f"final score is {total.score}")
-        prior = sum(r.prior_score for r in results) / len(results)
+        prior = folds.prior_score
+        results = folds.results
         final = {"score": total.score, "prior_score": prior, "score_to_prior": total.score / prior,
                  **{f"final_{k}": v for k, v in total.groups.items()},
                  "best_epoch": results[-1].best_epoch, "trial_seconds": time.perf_counter() - t0}
-        oof.to_csv(artifacts / "oof.csv", index=False)
-        solution.to_csv(artifacts / "solution.csv", index=False)  # the labels: calibration, ensembles
+        folds.oof.to_csv(artifacts / "oof.csv", index=False)
+        folds.solution.to_csv(artifacts / "solution.csv", index=False)  # the labels: calibration, ensembles
         tracker.log_artifacts(run_id, artifacts)
         tracker.log_batch(run_id, metrics=final, step=len(space.folds) * cfg.optim.epochs, tags={
             "pretrained_loaded": results[0].pretrained_loaded,

@@ -1,37 +1,31 @@
 """Questions answered from MLflow: a study's trials as a table, and re-running a logged trial."""
 from __future__ import annotations
 
-import tempfile
-
-import pandas as pd
-
 from trainer.config import TrainConfig
-from trainer.metric import score_groups
+from trainer.errors import UserError
 
+from .evaluate import evaluate_folds
 from .tracking import Tracker
 
 STATE = {"FINISHED": "COMPLETE", "KILLED": "PRUNED", "FAILED": "FAILED", "RUNNING": "RUNNING"}
 
 
 def _experiment(tracker: Tracker, name: str):
-    exp = tracker.client.get_experiment_by_name(name)
+    exp = tracker.get_experiment(name)
     if exp is None:
-        from .cli import UserError
-
-        names = [e.name for e in tracker.client.search_experiments()]
+        names = tracker.experiment_names()
         raise UserError(f"no MLflow experiment {name!r} (have: {', '.join(names) or 'none'})")
     return exp
 
 
-def _search(tracker: Tracker, exp, base: str, where: str | None):
+def _search(tracker: Tracker, exp, base: str, where: str | None, order_by: list[str] | None = None,
+            max_results: int | None = None):
     from mlflow.exceptions import MlflowException
 
     query = f"{base} and {where}" if where else base
     try:
-        return tracker.client.search_runs([exp.experiment_id], query, max_results=50000)
+        return tracker.search_runs([exp.experiment_id], query, order_by=order_by, max_results=max_results or 50000)
     except MlflowException as e:
-        from .cli import UserError
-
         raise UserError(f"--where {where!r}: {e.message.splitlines()[0]}") from None
 
 
@@ -44,7 +38,12 @@ def runs_table(experiment: str, tracking_uri: str | None = None, top: int | None
     exp = _experiment(tracker, experiment)
     if exp.tags.get("spinesweep.kind") == "legacy":
         return legacy_table(experiment, tracking_uri, top, where)
-    runs = _search(tracker, exp, "tags.trial != ''", where)
+    # sorted and limited by the store: scored (finished) runs by score, then the others by trial
+    runs = _search(tracker, exp, "tags.trial != '' and attributes.status = 'FINISHED'", where,
+                   order_by=["metrics.score ASC"], max_results=top)
+    if top is None or len(runs) < top:
+        others = _search(tracker, exp, "tags.trial != '' and attributes.status != 'FINISHED'", where)
+        runs += sorted(others, key=lambda r: int(r.data.tags["trial"]))[:None if top is None else top - len(runs)]
     rows = []
     for r in runs:
         row = dict(trial=int(r.data.tags["trial"]), state=STATE.get(r.info.status, r.info.status),
@@ -55,29 +54,20 @@ def runs_table(experiment: str, tracking_uri: str | None = None, top: int | None
         row["run_id"] = r.info.run_id
         rows.append(row)
     keys = sorted({k for r in rows for k in r if k.startswith("param:")})
-    rows = [{**{k: r.get(k, "-") for k in ("trial", "state", "score")}, **{k: r.get(k, "-") for k in keys},
+    return [{**{k: r.get(k, "-") for k in ("trial", "state", "score")}, **{k: r.get(k, "-") for k in keys},
              "run_id": r["run_id"]} for r in rows]
-    rows.sort(key=lambda r: (r["score"] is None, r["score"] if r["score"] is not None else 0, r["trial"]))
-    return rows[:top] if top else rows
 
 
-def reproduce(run_id: str, tracking_uri: str | None = None, data_dir: str | None = None, fit_fn=None) -> dict:
+def reproduce(run_id: str, tracking_uri: str | None = None, data_dir: str | None = None) -> dict:
     """Re-run a trial from its logged params alone (every TrainConfig field is a param) on the
     folds it evaluated; returns the logged and the reproduced score."""
-    if fit_fn is None:
-        from trainer.fit import fit as fit_fn
     tracker = Tracker(tracking_uri)
     run = tracker.get_run(run_id)
     cfg = TrainConfig.from_flat(run.data.params)
     if data_dir:
         cfg = cfg.with_overrides({"data.data_dir": data_dir})
     folds = [int(f) for f in run.data.tags.get("spinesweep.folds", str(cfg.data.fold)).split(",")]
-    oofs, sols = [], []
-    for fold in folds:
-        r = fit_fn(cfg.with_overrides({"data.fold": fold, "output_dir": tempfile.mkdtemp(prefix="spinesweep-repro-")}))
-        oofs.append(r.oof)
-        sols.append(r.solution)
-    result = score_groups(pd.concat(sols, ignore_index=True), pd.concat(oofs, ignore_index=True))
+    result = evaluate_folds(cfg, folds, prefix="spinesweep-repro-").score()
     return dict(run_id=run_id, logged_score=run.data.metrics.get("score"), score=result.score,
                 groups=result.groups, folds=folds)
 
@@ -116,8 +106,6 @@ def lineage(entry: str, experiment: str = "legacy", tracking_uri: str | None = N
     exp = _experiment(tracker, experiment)
     runs = {r.data.tags.get("legacy.entry"): r for r in _search(tracker, exp, "tags.source = 'legacy'", None)}
     if entry not in runs:
-        from .cli import UserError
-
         raise UserError(f"no entry {entry!r} in experiment {experiment!r}")
     chain, seen = [], set()
     name = entry

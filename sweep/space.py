@@ -34,6 +34,7 @@ import optuna
 import yaml
 
 from trainer.config import ConfigError, TrainConfig
+from trainer.errors import UserError, did_you_mean
 
 SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
 
@@ -62,8 +63,21 @@ SMOKE = {
 }
 
 
-class SpaceError(ValueError):
+class SpaceError(UserError):
     """A search space file is invalid; the message names the file and key."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What one invocation adds to a space's configs (picklable: workers receive it)."""
+
+    data_dir: str | None = None
+    smoke: bool = False
+    pinned: dict[str, Any] = field(default_factory=dict)  # --set key=value: never sampled
+    device: str | None = None  # the worker's (a pinned GPU, or the CPU for --workers); --set device wins
+
+    def never_sampled(self, space: "SearchSpace") -> set[str]:
+        return set(self.pinned) | (set(SMOKE) | set(space.smoke) if self.smoke else set())
 
 
 @dataclass(frozen=True)
@@ -117,25 +131,31 @@ class SearchSpace:
     smoke: dict[str, Any]
     file_hash: str
 
-    def base_config(self, data_dir: str | None = None, extra: dict | None = None, smoke: bool = False) -> TrainConfig:
-        overrides = dict(self.fixed)
-        if smoke:
-            overrides.update(SMOKE)
-            overrides.update(self.smoke)
-        overrides.update(extra or {})
-        if data_dir:
-            overrides["data.data_dir"] = data_dir
-        return TrainConfig().with_overrides(overrides)
+    def config(self, settings: "Settings | None" = None, sampled: dict[str, Any] | None = None) -> TrainConfig:
+        """A trial's config, the one place it is assembled. In this order, each over the last:
+        TrainConfig's defaults, the space's `fixed` values, the `sampled` values, the --smoke caps
+        (the built-in ones, then the space's `smoke`), the worker's device, the pinned (--set)
+        values, the data folder. Smoke caps and pinned keys are never sampled (`Settings.never_sampled`)."""
+        settings = settings or Settings()
+        cfg = TrainConfig().with_overrides(self.fixed).with_overrides(sampled or {})
+        if settings.smoke:
+            cfg = cfg.with_overrides({**SMOKE, **self.smoke})
+        if settings.device and "device" not in settings.pinned:
+            cfg = cfg.with_overrides({"device": settings.device})
+        cfg = cfg.with_overrides(settings.pinned)
+        if settings.data_dir:
+            cfg = cfg.with_overrides({"data.data_dir": settings.data_dir})
+        return cfg
 
-    def suggest(self, trial: optuna.Trial, base: TrainConfig, pinned=()) -> dict[str, Any]:
-        """The sampled overrides of one trial. Inactive conditional parameters are left out, and so
-        are `pinned` keys (set on the command line or capped by --smoke)."""
+    def suggest(self, trial: optuna.Trial, base: TrainConfig, never=()) -> dict[str, Any]:
+        """The sampled values of one trial. Inactive conditional parameters are left out, and so
+        are the keys in `never` (pinned with --set or capped by --smoke)."""
         flat_base = base.to_flat()
         values: dict[str, Any] = {k: yaml.safe_load(v) for k, v in flat_base.items()}
         out: dict[str, Any] = {}
         op_p: dict[str, float] = {}
         for p in self.params:
-            if p.key in pinned or not p.active(values):
+            if p.key in never or not p.active(values):
                 continue
             if p.type == "float":
                 v = trial.suggest_float(p.key, p.low, p.high, log=p.log, step=p.step)
@@ -182,11 +202,8 @@ def resolve_space_path(name_or_path: str) -> Path:
         return p
     hits = sorted(SPACES_DIR.rglob(f"{name_or_path}.yaml"))
     if not hits:
-        import difflib
-
         names = available_spaces()
-        close = difflib.get_close_matches(name_or_path, names, n=3)
-        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        hint = did_you_mean(name_or_path, names)
         raise SpaceError(f"unknown search space {name_or_path!r}{hint} (available: {', '.join(names)})")
     return hits[0]
 

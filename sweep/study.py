@@ -28,9 +28,12 @@ import sqlalchemy.exc
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback, fail_stale_trials
 from optuna.trial import TrialState
 
+from trainer.errors import UserError
+
 from .objective import TrialContext, run_trial
-from .space import SearchSpace, load_space
+from .space import SearchSpace, Settings, load_space
 from .tracking import Tracker, redact
+from .trials import is_legacy
 
 DEFAULT_STORAGE = "sqlite:///studies.db"
 # this loop records heartbeats itself (see _heartbeat); Optuna warns regardless
@@ -41,13 +44,8 @@ STORAGE_ERRORS = (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInter
 HEARTBEAT_INTERVAL = int(os.environ.get("SPINESWEEP_HEARTBEAT", "20"))  # seconds
 
 
-class StudyError(RuntimeError):
+class StudyError(UserError):
     """The study cannot start (storage, GPUs, existing study...); the message says why."""
-
-
-def is_legacy(trial) -> bool:
-    """A trial imported from the manual log (`optuna-run import-log --enqueue`), not run here."""
-    return trial.user_attrs.get("source") == "legacy"
 
 
 # ---------------------------------------------------------------- storage
@@ -136,7 +134,7 @@ def _fmt_elapsed(s: float) -> str:
 
 
 def worker_loop(ctx: TrialContext, n_trials: int, deadline: float | None, spec: WorkerSpec, started: float,
-                heartbeat: int | None = None, fit_fn=None) -> int:
+                heartbeat: int | None = None) -> int:
     """Ask, run, tell until the study holds n_trials counted trials. Returns trials run here."""
     if spec.gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = spec.gpu
@@ -150,11 +148,11 @@ def worker_loop(ctx: TrialContext, n_trials: int, deadline: float | None, spec: 
                               pruner=space.make_pruner())
     quota = TrialQuota(ctx.storage_url, ctx.study_name)
     tracker = Tracker(ctx.tracking_uri)
-    if spec.device != "auto" and "device" not in ctx.caps:  # the worker's device, unless --set device=...
-        ctx = dataclasses.replace(ctx, base_overrides={**ctx.base_overrides, "device": spec.device})
+    if spec.device != "auto":  # the worker's device (--set device=... still wins)
+        ctx = dataclasses.replace(ctx, settings=dataclasses.replace(ctx.settings, device=spec.device))
     worker = {"name": spec.name, "gpu": spec.gpu}
     try:
-        return _loop(study, storage, quota, tracker, space, ctx, worker, n_trials, deadline, spec, started, fit_fn)
+        return _loop(study, storage, quota, tracker, space, ctx, worker, n_trials, deadline, spec, started)
     except STORAGE_ERRORS as e:  # between trials (ask, count, tell)
         raise StudyError(_unreachable(ctx.storage_url, e)) from None
 
@@ -192,8 +190,9 @@ def _heartbeat(storage: RDBStorage, trial_id: int):
         thread.join()
 
 
-def _loop(study, storage, quota, tracker, space, ctx, worker, n_trials, deadline, spec, started, fit_fn) -> int:
+def _loop(study, storage, quota, tracker, space, ctx, worker, n_trials, deadline, spec, started) -> int:
     ran = 0
+    study_id = storage.get_study_id_from_name(study.study_name)
     while deadline is None or time.time() < deadline:
         fail_stale_trials(study)
         with quota.lock(storage):
@@ -209,8 +208,11 @@ def _loop(study, storage, quota, tracker, space, ctx, worker, n_trials, deadline
                 continue
             break
         try:
-            with _heartbeat(storage, trial._trial_id):
-                state, value, message = run_trial(trial, space, ctx, tracker, worker, fit_fn=fit_fn)
+            # through the storage's public API (an Optuna Trial keeps its id private)
+            trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
+            retry_of = storage.get_trial(trial_id).system_attrs.get("failed_trial")
+            with _heartbeat(storage, trial_id):
+                state, value, message = run_trial(trial, space, ctx, tracker, worker, retry_of=retry_of)
             if state == TrialState.COMPLETE:
                 study.tell(trial, value)
             else:
@@ -235,9 +237,9 @@ def _storage_lost(trial: optuna.Trial, tracker: Tracker, url: str, error: Except
         run_id = trial.user_attrs.get("mlflow_run_id")
     if run_id is None:  # the storage cannot say: find the run by its tags
         with contextlib.suppress(Exception):
-            runs = tracker.client.search_runs([tracker.client.get_experiment_by_name(trial.study.study_name)
-                                               .experiment_id], f"tags.trial = '{trial.number}' and "
-                                              "attributes.status = 'RUNNING'", max_results=1)
+            runs = tracker.search_runs([tracker.get_experiment(trial.study.study_name).experiment_id],
+                                       f"tags.trial = '{trial.number}' and attributes.status = 'RUNNING'",
+                                       max_results=1)
             run_id = runs[0].info.run_id if runs else None
     if run_id:
         with contextlib.suppress(Exception):
@@ -347,9 +349,8 @@ class StudyOutcome:
 
 
 def launch(space: SearchSpace, n_trials: int, *, study_name: str, storage_url: str, tracking_uri: str,
-           data_dir: str, overrides: dict, smoke: bool, resume: bool, workers: list[WorkerSpec],
-           timeout: float | None, tags: dict, heartbeat: int | None = None, fit_fn=None,
-           caps: dict | None = None) -> StudyOutcome:
+           settings: Settings, resume: bool, workers: list[WorkerSpec],
+           timeout: float | None, tags: dict, heartbeat: int | None = None) -> StudyOutcome:
     started = time.time()
     storage = make_storage(storage_url, tracking_uri, heartbeat)
     try:
@@ -366,19 +367,18 @@ def launch(space: SearchSpace, n_trials: int, *, study_name: str, storage_url: s
     parent = tracker.start_run(experiment_id, f"{study_name}-{time.strftime('%Y%m%d-%H%M%S')}", tags={
         **tags, "study": study_name, "space": space.name, "n_trials": n_trials, "storage": redact(storage_url),
         "workers": ",".join(w.name for w in workers), "command": redact(" ".join(sys.argv)),
-        **({"smoke": "true"} if smoke else {}),
+        **({"smoke": "true"} if settings.smoke else {}),
     })
     ctx = TrialContext(space_path=str(space.path), study_name=study_name, storage_url=storage_url,
                        tracking_uri=tracking_uri, experiment_id=experiment_id, parent_run_id=parent,
-                       base_overrides={**overrides, "data.data_dir": data_dir}, smoke=smoke, tags=tags,
-                       caps=caps or {})
+                       settings=settings, tags=tags)
     deadline = started + timeout if timeout else None
     status = "FINISHED"
     try:
         if len(workers) == 1 and workers[0].gpu is None:
-            worker_loop(ctx, n_trials, deadline, workers[0], started, heartbeat, fit_fn)
+            worker_loop(ctx, n_trials, deadline, workers[0], started, heartbeat)
         else:
-            _run_processes(ctx, n_trials, deadline, workers, started, heartbeat, fit_fn)
+            _run_processes(ctx, n_trials, deadline, workers, started, heartbeat)
     except KeyboardInterrupt:
         status = "KILLED"
         raise
@@ -407,7 +407,7 @@ def _only_legacy(storage: RDBStorage, study_name: str) -> bool:
     return all(is_legacy(t) for t in trials)
 
 
-def _run_processes(ctx, n_trials, deadline, workers, started, heartbeat, fit_fn) -> None:
+def _run_processes(ctx, n_trials, deadline, workers, started, heartbeat) -> None:
     import multiprocessing as mp
 
     import torch
@@ -416,7 +416,7 @@ def _run_processes(ctx, n_trials, deadline, workers, started, heartbeat, fit_fn)
     # notebook or test that trained on the GPU before launching) cannot fork a CUDA user: spawn.
     method = "spawn" if torch.cuda.is_initialized() else "fork"
     procs = [mp.get_context(method).Process(target=_worker_entry, name=w.name,
-                                            args=(ctx, n_trials, deadline, w, started, heartbeat, fit_fn))
+                                            args=(ctx, n_trials, deadline, w, started, heartbeat))
              for w in workers]
     for p in procs:
         p.start()
@@ -448,8 +448,8 @@ def _close_orphan_runs(tracker: Tracker, experiment_id: str, parent: str, study:
     except Exception:  # the storage is gone: every run of this invocation still RUNNING is orphaned
         running = set()
     with contextlib.suppress(Exception):
-        runs = tracker.client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent}' "
-                                          "and attributes.status = 'RUNNING'", max_results=1000)
+        runs = tracker.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent}' "
+                                   "and attributes.status = 'RUNNING'", max_results=1000)
         for r in runs:
             if r.info.run_id not in running:
                 tracker.set_tags(r.info.run_id, {"error": "closed by the launcher: its trial had ended"})

@@ -91,20 +91,12 @@ class Tracker:
 
     def start_run(self, experiment_id: str, name: str, tags: dict[str, Any] | None = None,
                   parent_run_id: str | None = None) -> str:
-        tags = {k: redact(str(v)) for k, v in (tags or {}).items()}
+        tags = dict(tags or {})
         if parent_run_id:
             tags["mlflow.parentRunId"] = parent_run_id
-        run = _retry(self.client.create_run, experiment_id, run_name=name, tags=tags)
-        return run.info.run_id
+        return self.create_run(experiment_id, name, tags)
 
     # ---- logging ----
-    def log_params(self, run_id: str, params: dict[str, Any]) -> None:
-        from mlflow.entities import Param
-
-        items = [Param(k, redact(str(v))[:6000]) for k, v in params.items()]
-        for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
-            _retry(self.client.log_batch, run_id, params=items[i:i + 100])
-
     def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
         from mlflow.entities import RunTag
 
@@ -126,9 +118,9 @@ class Tracker:
             _retry(self.client.log_batch, run_id, params=p[:100], tags=t[:100], metrics=m[:1000])
             p, t, m, first = p[100:], t[100:], m[1000:], False
 
-    def log_artifacts(self, run_id: str, folder: str | Path) -> None:
+    def log_artifacts(self, run_id: str, folder: str | Path, artifact_path: str | None = None) -> None:
         if any(Path(folder).iterdir()):
-            _retry(self.client.log_artifacts, run_id, str(folder))
+            _retry(self.client.log_artifacts, run_id, str(folder), artifact_path)
 
     def log_metrics(self, run_id: str, metrics: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric
@@ -163,10 +155,92 @@ class Tracker:
                 if last:
                     monitor.publish_metrics(last)
                     monitor.mlflow_logger.flush()
-        _retry(self.client.set_terminated, run_id, status)
+        self.terminate(run_id, status)
 
+    # ---- reading ----
     def get_run(self, run_id: str):
         return _retry(self.client.get_run, run_id)
+
+    def get_experiment(self, name: str):
+        """The experiment of that name, or None."""
+        return _retry(self.client.get_experiment_by_name, name)
+
+    def experiment_names(self) -> list[str]:
+        return [e.name for e in _retry(self.client.search_experiments)]
+
+    def set_experiment_tag(self, experiment_id: str, key: str, value: str) -> None:
+        _retry(self.client.set_experiment_tag, experiment_id, key, value)
+
+    def search_runs(self, experiment_ids: list[str], filter_string: str = "", order_by: list[str] | None = None,
+                    max_results: int = 50000) -> list:
+        """MLflow's search: the filter, sort and limit run in the store."""
+        return _retry(self.client.search_runs, experiment_ids, filter_string, order_by=order_by,
+                      max_results=max_results)
+
+    def list_artifacts(self, run_id: str, path: str | None = None) -> list[str]:
+        return [a.path for a in _retry(self.client.list_artifacts, run_id, path)]
+
+    def download(self, run_id: str, path: str, dst: str | Path) -> Path:
+        return Path(_retry(self.client.download_artifacts, run_id, path, str(dst)))
+
+    def create_run(self, experiment_id: str, name: str, tags: dict[str, Any], start_time: int | None = None) -> str:
+        """A run with a given start time (an imported entry's date); `start_run` for live runs."""
+        tags = {k: redact(str(v)) for k, v in tags.items()}
+        return _retry(self.client.create_run, experiment_id, start_time=start_time, tags=tags, run_name=name).info.run_id
+
+    def terminate(self, run_id: str, status: str, end_time: int | None = None) -> None:
+        _retry(self.client.set_terminated, run_id, status, end_time)
+
+    def delete_run(self, run_id: str) -> None:
+        _retry(self.client.delete_run, run_id)
+
+    # ---- the model registry ----
+    def registered_model_exists(self, name: str) -> bool:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            _retry(self.client.get_registered_model, name)
+            return True
+        except MlflowException:
+            return False
+
+    def create_registered_model(self, name: str, description: str) -> None:
+        _retry(self.client.create_registered_model, name, description=description)
+
+    def model_versions(self, prefix: str, name: str | None = None) -> list:
+        """Every version of the registered model `name`, or of every model named `prefix...`."""
+        if name:
+            names = [name] if self.registered_model_exists(name) else []
+        else:
+            names = [m.name for m in _retry(self.client.search_registered_models, max_results=1000)
+                     if m.name.startswith(prefix)]
+        out = []
+        for n in names:
+            out += _retry(self.client.search_model_versions, f"name='{n}'")
+        return out
+
+    def create_model_version(self, name: str, source: str, run_id: str, tags: dict[str, str], description: str):
+        return _retry(self.client.create_model_version, name, source=source, run_id=run_id, tags=tags,
+                      description=description)
+
+    def set_model_alias(self, name: str, alias: str, version: str) -> None:
+        _retry(self.client.set_registered_model_alias, name, alias, version)
+
+
+class MlflowCurves:
+    """A `fit` callback: per-epoch metrics into a run, at a global step (``offset + epoch``);
+    with several folds in one run, each metric also under ``fold<k>_``."""
+
+    __name__ = "mlflow_curves"
+
+    def __init__(self, tracker: Tracker, run_id: str, offset: int = 0, fold: int = 0, n_folds: int = 1):
+        self.tracker, self.run_id, self.offset, self.fold, self.n_folds = tracker, run_id, offset, fold, n_folds
+
+    def __call__(self, epoch: int, metrics: dict) -> None:
+        m = {k: v for k, v in metrics.items() if k != "epoch"}
+        if self.n_folds > 1:
+            m.update({f"fold{self.fold}_{k}": v for k, v in list(m.items())})
+        self.tracker.log_metrics(self.run_id, m, step=self.offset + epoch)
 
 
 def package_versions() -> dict[str, str]:

@@ -1,5 +1,5 @@
-"""Dashboards: the info extractors on a hand-made study, the figure builders on empty and full
-data, and (slow) a real study's report rendered in headless Chromium, every figure drawn."""
+"""Dashboards: Optuna's figures on a hand-made study (imported trials left out), the project's
+figure builders on empty and full data, and (slow) a real study's report rendered in headless Chromium, every figure drawn."""
 import os
 from pathlib import Path
 
@@ -13,6 +13,7 @@ from dashboards import figures, info
 from dashboards.browser import chromium, render
 from dashboards.report import write_report
 from sweep.cli import main
+from sweep.trials import best_trial, without_legacy
 
 DISTS = {"lr": FloatDistribution(1e-4, 1e-2, log=True), "head": CategoricalDistribution(["lstm", "gru"])}
 
@@ -34,20 +35,26 @@ def hand_made_study() -> optuna.Study:
     return study
 
 
-def test_extractors_on_a_hand_made_study():
+def test_optuna_figures_leave_the_imported_trials_out():
     s = hand_made_study()
-    h = info.history(s)
-    assert h["number"] == [0, 1, 2, 3, 4]  # the legacy trial is not part of the study's history
-    assert h["state"][2] == "PRUNED" and h["value"][2] == pytest.approx(0.85)  # its last reported value
-    assert h["best"] == [0.9, 0.7, 0.7, 0.7, 0.6]
-    table = info.param_table(s)
-    assert table["number"] == [0, 1, 3, 4] and table["params"]["head"]["categorical"]
-    assert table["params"]["lr"]["log"] and table["params"]["head"]["choices"] == ["lstm", "gru"]
-    inter = info.intermediate(s)
-    assert [t["pruned_at"] for t in inter] == [None, None, 1, None, None]
-    imp = info.importances(s)
-    assert set(imp) == {"lr", "head"} and sum(imp.values()) == pytest.approx(1.0)
-    assert {t["worker"] for t in info.timeline(s)} == {"cpu0", "cpu1"}
+    own = without_legacy(s)
+    assert [t.number for t in own.trials] == [0, 1, 2, 3, 4] and len(s.trials) == 6
+    assert best_trial(s).value == 0.6  # the imported 0.1 is a real-data score: never the study's best
+    for name in figures.OPTUNA_FIGURES:
+        fig = figures.optuna_figure(name, own)
+        assert fig is not None and len(fig.data) >= 1, name
+    hist = figures.optuna_figure("history", own)
+    assert 0.1 not in [y for tr in hist.data for y in (tr.y or [])]
+
+
+def test_optuna_figures_are_none_without_the_trials_they_need():
+    empty = optuna.create_study()
+    assert all(figures.optuna_figure(n, empty) is None for n in figures.OPTUNA_FIGURES)
+    one = optuna.create_study()
+    one.add_trial(create_trial(value=1.0, params={"lr": 1e-3}, distributions={"lr": DISTS["lr"]}))
+    assert figures.optuna_figure("importances", one) is None  # needs two completed trials
+    assert figures.optuna_figure("intermediate", one) is None  # nothing reported
+    assert figures.optuna_figure("history", one) is not None
 
 
 def test_calibration_bins():
@@ -63,15 +70,13 @@ def test_calibration_bins():
 
 
 def test_builders_return_none_on_empty_data_and_figures_otherwise():
-    assert figures.history({"number": [], "value": [], "state": [], "best": []}) is None
-    assert figures.importances({}) is None and figures.intermediate([]) is None and figures.timeline([]) is None
     assert figures.confusion({}) is None and figures.calibration({"predicted": [], "observed": [], "count": []}) is None
     assert figures.against_legacy({"legacy": [], "study": [{"number": 0, "value": 1}]}, "x") is None
-    s = hand_made_study()
-    for fig in (figures.history(info.history(s)), figures.parallel(info.param_table(s)),
-                figures.slices(info.param_table(s)), figures.intermediate(info.intermediate(s)),
-                figures.timeline(info.timeline(s)), figures.importances(info.importances(s)),
-                figures.confusion({"spinal_canal_stenosis": [[5, 1, 0], [1, 2, 0], [0, 1, 1]]})):
+    assert figures.learning_curves({"folds": []}, "t") is None
+    for fig in (figures.confusion({"spinal_canal_stenosis": [[5, 1, 0], [1, 2, 0], [0, 1, 1]]}),
+                figures.calibration({"predicted": [0.1, 0.9], "observed": [0.0, 1.0], "count": [3, 3]}),
+                figures.learning_curves({"folds": [{"fold": "", "epoch": [1, 2], "train_loss": [1, 0.5],
+                                                    "val_loss": [1, 0.7], "score": [0.9, 0.6]}]}, "t")):
         assert fig is not None and len(fig.data) >= 1
 
 

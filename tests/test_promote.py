@@ -10,7 +10,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from sweep.cli import main
-from sweep.promote import combine
+from sweep.ensemble import combine
 from sweep.tracking import default_tracking_uri
 from trainer.data.layout import read_labels
 from trainer.metric import build_solution, score_groups

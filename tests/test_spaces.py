@@ -23,7 +23,7 @@ def test_every_space_validates_and_documents_its_command(path):
     space.make_sampler(), space.make_pruner()
     # every parameter can be sampled into a valid config
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
-    base = space.base_config()
+    base = space.config()
     for _ in range(5):
         trial = study.ask()
         base.with_overrides(space.suggest(trial, base))
@@ -36,7 +36,7 @@ def test_conditional_parameters_only_for_recurrent_heads():
     seen = set()
     for _ in range(40):
         trial = study.ask()
-        out = space.suggest(trial, space.base_config())
+        out = space.suggest(trial, space.config())
         recurrent = out["model.head"] in ("lstm", "gru", "lstm_attention")
         assert ("model.rnn_hidden" in out) == recurrent
         seen.add(recurrent)
@@ -47,7 +47,7 @@ def test_conditional_parameters_only_for_recurrent_heads():
 def test_per_op_probabilities_set_the_fixed_ops():
     space = load_space("augment")
     trial = optuna.create_study().ask()
-    out = space.suggest(trial, space.base_config())
+    out = space.suggest(trial, space.config())
     ops = {op["name"]: op["p"] for op in out["augment.ops"]}
     assert ops["Blur"] == trial.params["augment.ops.Blur.p"]
     assert "augment.ops.Blur.p" not in out

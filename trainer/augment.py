@@ -8,10 +8,12 @@ MixUp mixes whole batches and lives in the trainer (`augment.mixup_alpha`, `augm
 """
 from __future__ import annotations
 
-import difflib
 import warnings
 
 import albumentations as A
+
+from .config import ConfigError
+from .errors import did_you_mean
 
 OPS: dict[str, type] = {
     "HorizontalFlip": A.HorizontalFlip,
@@ -49,33 +51,31 @@ def resolve_ops(cfg) -> list[dict]:
     if cfg.ops:
         return [dict(op) for op in cfg.ops]
     if cfg.preset not in PRESETS:
-        close = difflib.get_close_matches(cfg.preset, PRESETS, n=2)
-        hint = f"; did you mean {', '.join(close)}?" if close else ""
-        raise ValueError(f"augment.preset: unknown preset {cfg.preset!r}{hint} (known: {', '.join(PRESETS)})")
+        hint = did_you_mean(cfg.preset, PRESETS, n=2)
+        raise ConfigError(f"augment.preset: unknown preset {cfg.preset!r}{hint} (known: {', '.join(PRESETS)})")
     return [dict(op) for op in PRESETS[cfg.preset]]
 
 
 def build_augment(cfg, seed: int | None = None) -> A.Compose | None:
     """An `A.Compose` for the config, or None when nothing is to be applied. Raises ValueError
-    naming the op and argument on bad input (without running anything)."""
+    (a ConfigError) naming the op and argument on bad input (without running anything)."""
     ops = []
     for i, spec in enumerate(resolve_ops(cfg)):
         spec = dict(spec)
         name = spec.pop("name", None)
         if name not in OPS:
-            close = difflib.get_close_matches(str(name), OPS, n=2)
-            hint = f"; did you mean {', '.join(close)}?" if close else ""
-            raise ValueError(f"augment.ops[{i}]: unknown op {name!r}{hint} (known: {', '.join(OPS)})")
+            hint = did_you_mean(name, OPS, n=2)
+            raise ConfigError(f"augment.ops[{i}]: unknown op {name!r}{hint} (known: {', '.join(OPS)})")
         p = spec.get("p", 0.5)
         if not isinstance(p, (int, float)) or not 0 <= p <= 1:
-            raise ValueError(f"augment.ops[{i}] ({name}): p must be in [0, 1], got {p!r}")
+            raise ConfigError(f"augment.ops[{i}] ({name}): p must be in [0, 1], got {p!r}")
         spec = {k: tuple(v) if isinstance(v, list) else v for k, v in spec.items()}
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # albumentations' deprecation chatter (ShiftScaleRotate)
                 ops.append(OPS[name](**spec))
         except Exception as e:
-            raise ValueError(f"augment.ops[{i}] ({name}): {e}") from None
+            raise ConfigError(f"augment.ops[{i}] ({name}): {e}") from None
     if not ops:
         return None
     return A.Compose(ops, seed=seed)

@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 import yaml
 
+from .errors import UserError
 from .data.layout import CONDITIONS, PLANE_OF_CONDITION, PLANE_OF_SERIES
 
 PLANES = ("sag_t2", "sag_t1", "axial")
@@ -24,21 +25,27 @@ PLANES = ("sag_t2", "sag_t1", "axial")
 PLANE_FOR_CONDITION = {c: PLANE_OF_SERIES[s] for c, s in PLANE_OF_CONDITION.items()}
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A config key is unknown or has a value of the wrong type; the message names the key."""
+
+
+PIXELS = {"pixels": True}  # metadata of the DataConfig fields that change a sample's pixels
 
 
 @dataclass(frozen=True)
 class DataConfig:
+    """Fields marked `PIXELS` decide a sample's pixels: `trainer.data.crops.CropSpec` is made of
+    them (and the planes in use), so a new such field is declared here and nowhere else."""
+
     data_dir: str = "data/phantom"
     conditions: tuple[str, ...] = CONDITIONS
     planes: tuple[str, ...] = ()  # empty: the planes the conditions need
-    window_ratio: float = 0.15  # half the crop's side = ratio x the image's side (sagittal)
-    axial_window_ratio: float = 0.35
-    sag_t1_slices: int = 3  # per side (left and right foramen)
-    sag_t2_slices: int = 5
-    axial_slices: int = 3
-    img_size: int = 128
+    window_ratio: float = field(default=0.15, metadata=PIXELS)  # half the crop's side = ratio x the image's side (sagittal)
+    axial_window_ratio: float = field(default=0.35, metadata=PIXELS)
+    sag_t1_slices: int = field(default=3, metadata=PIXELS)  # per side (left and right foramen)
+    sag_t2_slices: int = field(default=5, metadata=PIXELS)
+    axial_slices: int = field(default=3, metadata=PIXELS)
+    img_size: int = field(default=128, metadata=PIXELS)
     normalize: Literal["minmax255", "standardize"] = "minmax255"
     fold: int = 0
     n_folds: int = 4
@@ -175,19 +182,14 @@ class TrainConfig:
                     node[p] = _parse_str(value, hint, key) if isinstance(value, str) else value
         return TrainConfig.from_dict(d)
 
-    def replace(self, **sections) -> "TrainConfig":
-        return dataclasses.replace(self, **sections)
-
 
 # ---------------------------------------------------------------- helpers
 
 
 def _unknown(key: str, fields) -> str:
-    import difflib
+    from .errors import did_you_mean
 
-    leaf = key.rsplit(".", 1)[-1]
-    close = difflib.get_close_matches(leaf, list(fields), n=3)
-    hint = f"; did you mean {', '.join(close)}?" if close else f"; known: {', '.join(fields)}"
+    hint = did_you_mean(key.rsplit(".", 1)[-1], fields) or f"; known: {', '.join(fields)}"
     return f"{key}: unknown config key{hint}"
 
 
@@ -242,12 +244,11 @@ def _check(value, hint, key: str):
     if hint is Any:
         return value
     if _is_union(hint):
-        errors = []
         for a in args:
             try:
                 return _check(value, a, key)
-            except ConfigError as e:
-                errors.append(str(e))
+            except ConfigError:
+                continue
         raise ConfigError(f"{key}: {value!r} matches none of {_type_name(hint)}")
     if origin is Literal:
         if value in args and type(value) is type(args[args.index(value)]):

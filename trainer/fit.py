@@ -12,7 +12,7 @@ import platform
 import random
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -23,15 +23,15 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from .augment import build_augment, describe
-from .config import TrainConfig
+from .config import ConfigError, TrainConfig
 from .data.cache import data_fingerprint, default_cache_dir
 from .data.crops import CropSpec
 from .data.dataset import SpineDataset
 from .data.samples import SampleSource
 from .data.volumes import VolumeStore, cache_budget
 from .data.folds import load_folds
-from .data.layout import TARGET_COLUMNS, Layout
-from .metric import build_solution, predictions_frame, score_groups
+from .data.layout import TARGET_COLUMNS, Layout, parse_row_ids
+from .metric import build_solution, class_prior, predictions_frame, score_groups
 from .models import build_model
 
 Callback = Callable[[int, dict], "bool | None"]
@@ -59,11 +59,6 @@ class FitResult:
     stopped_early: bool = False
     stop_reason: str = ""
     seconds: float = 0.0
-    extra: dict = field(default_factory=dict)
-
-    @property
-    def best(self) -> dict:
-        return self.history[self.best_epoch - 1] if self.history else {}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -143,7 +138,8 @@ class _EMA:
         self.model.update_parameters(model)
 
 
-def _split(layout: Layout, cfg: TrainConfig, cache_root: Path, fingerprint: str):
+def train_val_split(layout: Layout, cfg: TrainConfig, cache_root: Path, fingerprint: str):
+    """(training, validation) study ids of `cfg.data.fold`, sorted."""
     folds = load_folds(layout, cfg.data.n_folds, cfg.data.folds_seed, cache_root, fingerprint)
     if cfg.data.max_studies:
         # keep the first studies of every fold, so capped runs keep the same split
@@ -152,7 +148,7 @@ def _split(layout: Layout, cfg: TrainConfig, cache_root: Path, fingerprint: str)
     val = folds.loc[folds["fold"] == cfg.data.fold, "study_id"].tolist()
     train = folds.loc[folds["fold"] != cfg.data.fold, "study_id"].tolist()
     if not val or not train:
-        raise ValueError(f"data.fold={cfg.data.fold}: empty train or validation split "
+        raise ConfigError(f"data.fold={cfg.data.fold}: empty train or validation split "
                          f"({len(train)} / {len(val)} studies)")
     return sorted(train), sorted(val)
 
@@ -160,27 +156,22 @@ def _split(layout: Layout, cfg: TrainConfig, cache_root: Path, fingerprint: str)
 def prior_predictions(layout: Layout, train_ids, val_ds: SpineDataset) -> pd.DataFrame:
     """Every validation row gets its condition's class frequencies in the training fold."""
     labels = layout.labels
-    rows = labels[labels["study_id"].isin(set(train_ids)) & (labels["severity"] >= 0)]
-    probs = []
-    for cond in val_ds.conditions:
-        counts = np.bincount(rows.loc[rows["condition"] == cond, "severity"], minlength=3).astype(float)
-        probs.append((counts + 1) / (counts.sum() + 3))  # add-one, so no class is impossible
-    probs = np.tile(np.asarray(probs)[None], (len(val_ds.items), 1, 1))
+    prior = class_prior(labels[labels["study_id"].isin(set(train_ids))], val_ds.conditions)
+    probs = np.tile(np.asarray([prior[c] for c in val_ds.conditions])[None], (len(val_ds.items), 1, 1))
     ids, lvls = zip(*val_ds.items)
     return predictions_frame(ids, lvls, probs, val_ds.conditions)
 
 
 def confusion_matrices(solution: pd.DataFrame, oof: pd.DataFrame, conditions) -> dict:
+    """Per condition, scikit-learn's confusion matrix of the argmax grades (rows = truth)."""
+    from sklearn.metrics import confusion_matrix
+
     merged = solution.merge(oof, on="row_id", suffixes=("", "_pred"))
     truth = merged[list(TARGET_COLUMNS)].to_numpy().argmax(1)
     pred = merged[[c + "_pred" for c in TARGET_COLUMNS]].to_numpy().argmax(1)
-    out = {}
-    for cond in conditions:
-        m = merged["row_id"].str.contains(f"_{cond}_", regex=False).to_numpy()
-        cm = np.zeros((3, 3), dtype=int)
-        np.add.at(cm, (truth[m], pred[m]), 1)
-        out[cond] = cm.tolist()
-    return out
+    condition = parse_row_ids(merged["row_id"])["condition"].to_numpy()
+    return {cond: confusion_matrix(truth[condition == cond], pred[condition == cond], labels=[0, 1, 2]).tolist()
+            for cond in conditions}
 
 
 def environment(device: torch.device, amp_dtype) -> dict:
@@ -213,7 +204,7 @@ def fit(cfg: TrainConfig, callbacks: Iterable[Callback] = (), progress: Callable
     layout = Layout(Path(cfg.data.data_dir))
     cache_root = default_cache_dir(cfg.data.cache_dir)
     fingerprint = data_fingerprint(layout)
-    train_ids, val_ids = _split(layout, cfg, cache_root, fingerprint)
+    train_ids, val_ids = train_val_split(layout, cfg, cache_root, fingerprint)
     spec = CropSpec.from_config(cfg.data)
     source = SampleSource(layout, spec, VolumeStore(cache_root, cache_budget(cfg.data.cache_budget_gb)))
     # cold series are decoded by as many processes as this trial has cores (its torch threads:

@@ -23,7 +23,8 @@ from .data.cache import default_cache_dir
 from .data.crops import CropSpec, build_study_crops
 from .data.dataset import normalize_stack
 from .data.dicom import DicomWarning
-from .data.layout import CONDITIONS, LEVELS, PLANE_OF_CONDITION, SEVERITIES, TARGET_COLUMNS, Layout, row_id
+from .data.layout import CONDITIONS, LEVELS, PLANE_OF_CONDITION, TARGET_COLUMNS, Layout, row_id
+from .data.layout import LayoutError
 from .data.volumes import SeriesRef, VolumeStore
 from .fit import load_checkpoint
 
@@ -55,7 +56,7 @@ class LevelPrior:
                 rows.setdefault((r.condition, r.level), []).append(
                     (idx / max(n - 1, 1), float(r.x) / w, float(r.y) / h))
         if not rows:
-            raise ValueError(f"{layout.root}: no usable labelled coordinates to learn level positions from")
+            raise LayoutError(f"{layout.root}: no usable labelled coordinates to learn level positions from")
         return cls({k: tuple(np.mean(v, axis=0)) for k, v in rows.items()})
 
     def coordinates(self, study_id: int, series: dict[str, list[int]], load_volume) -> pd.DataFrame:
@@ -82,17 +83,6 @@ class LevelPrior:
                                 instance_number=int(vol.instance_numbers[idx]), condition=cond, level=level,
                                 x=fx * w, y=fy * h))
         return pd.DataFrame(out, columns=["study_id", "series_id", "instance_number", "condition", "level", "x", "y"])
-
-
-def label_prior(layout: Layout) -> dict[str, np.ndarray]:
-    """Per condition: the training frequencies of the three grades (the fallback prediction)."""
-    labels = layout.labels
-    out = {}
-    for cond in CONDITIONS:
-        sev = labels.loc[labels["condition"] == cond, "severity"]
-        counts = np.array([(sev == k).sum() for k in range(len(SEVERITIES))], dtype=float) + 1.0
-        out[cond] = counts / counts.sum()
-    return out
 
 
 @torch.no_grad()

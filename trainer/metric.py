@@ -21,14 +21,15 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from .data.layout import CONDITIONS, GROUP_OF_CONDITION, LEVELS, TARGET_COLUMNS, Layout, row_id
+from .data.layout import CONDITIONS, GROUP_OF_CONDITION, LEVELS, TARGET_COLUMNS, Layout, parse_row_ids, row_id
+from .errors import UserError
 
 EPS = np.finfo(np.float64).eps  # sklearn's log_loss clip
 SAMPLE_WEIGHTS = np.array([1.0, 2.0, 4.0])
 GROUPS = ("spinal", "foraminal", "subarticular", "any_severe_spinal")
 
 
-class MetricError(ValueError):
+class MetricError(UserError):
     """Solution and submission do not fit together; the message names the rows or columns."""
 
 
@@ -41,11 +42,6 @@ class ScoreResult:
     def __str__(self) -> str:
         parts = ", ".join(f"{g} {v:.4f}" for g, v in self.groups.items())
         return f"{self.score:.4f} ({parts})"
-
-
-def _condition_of_row(row_ids: pd.Series) -> pd.Series:
-    # "<study>_<condition>_<l?>_<l?>" -> condition
-    return row_ids.str.split("_", n=1).str[1].str.rsplit("_", n=2).str[0]
 
 
 def score_groups(solution: pd.DataFrame, submission: pd.DataFrame) -> ScoreResult:
@@ -78,8 +74,8 @@ def score_groups(solution: pd.DataFrame, submission: pd.DataFrame) -> ScoreResul
     pred = pred / pred.sum(axis=1, keepdims=True)
     truth = merged[cols].to_numpy(dtype=np.float64)
     weight = merged["sample_weight"].to_numpy(dtype=np.float64)
-    condition = _condition_of_row(merged["row_id"])
-    group = condition.map(GROUP_OF_CONDITION)
+    parsed = parse_row_ids(merged["row_id"])
+    group = parsed["condition"].map(GROUP_OF_CONDITION)
     if group.isna().any():
         raise MetricError(f"row_id {merged.loc[group.isna(), 'row_id'].iloc[0]!r} names no known condition")
     row_loss = -(truth * np.log(pred)).sum(axis=1)
@@ -91,7 +87,7 @@ def score_groups(solution: pd.DataFrame, submission: pd.DataFrame) -> ScoreResul
             losses[g] = float((weight[m] * row_loss[m]).sum() / weight[m].sum())
     if "spinal" in losses:
         m = (group == "spinal").to_numpy()
-        study = merged.loc[m, "row_id"].str.split("_", n=1).str[0].to_numpy()
+        study = parsed.loc[m, "study_id"].to_numpy()
         spinal = pd.DataFrame({"study": study, "label": truth[m, 2], "weight": weight[m], "p": raw[m, 2]})
         per_study = spinal.groupby("study").agg(label=("label", "max"), weight=("weight", "max"), p=("p", "max"))
         y, w, p = (per_study[c].to_numpy() for c in ("label", "weight", "p"))
@@ -120,6 +116,18 @@ def build_solution(layout_or_labels, study_ids=None, conditions=CONDITIONS) -> p
         "sample_weight": SAMPLE_WEIGHTS[sev],
     })
     return out.sort_values("row_id", ignore_index=True)
+
+
+def class_prior(labels: pd.DataFrame, conditions=CONDITIONS) -> dict[str, np.ndarray]:
+    """Per condition, the frequencies of the three grades in `labels` (train.csv's long form),
+    add-one smoothed so that no grade is impossible: the baseline every score is compared with,
+    and the fallback prediction of a condition no model covers."""
+    labels = labels[labels["severity"] >= 0]
+    out = {}
+    for cond in conditions:
+        counts = np.bincount(labels.loc[labels["condition"] == cond, "severity"], minlength=3).astype(float)
+        out[cond] = (counts + 1) / (counts.sum() + 3)
+    return out
 
 
 def predictions_frame(study_ids, levels, probs: np.ndarray, conditions=CONDITIONS) -> pd.DataFrame:

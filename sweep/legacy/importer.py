@@ -18,6 +18,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from trainer.errors import UserError
+
 from .mapping import Resolved, resolve
 from .parse import Entry, parse_log
 
@@ -117,7 +119,7 @@ def import_log(path: str | Path, tracking_uri: str | None = None,
 
     from trainer.config import TrainConfig
 
-    from ..tracking import Tracker, _retry
+    from ..tracking import Tracker
 
     path = Path(path)
     entries = parse_log(path)
@@ -125,9 +127,9 @@ def import_log(path: str | Path, tracking_uri: str | None = None,
     lines = path.read_text(encoding="utf-8").splitlines()
     tracker = Tracker(tracking_uri)
     exp_id = tracker.ensure_experiment(experiment)
-    _retry(tracker.client.set_experiment_tag, exp_id, "spinesweep.kind", "legacy")
+    tracker.set_experiment_tag(exp_id, "spinesweep.kind", "legacy")
     existing: dict[str, Any] = {}
-    for run in _retry(tracker.client.search_runs, [exp_id], "tags.source = 'legacy'", max_results=50000):
+    for run in tracker.search_runs([exp_id], "tags.source = 'legacy'"):
         existing[run.data.tags.get("legacy.entry", "")] = run
     summary = ImportSummary(file=str(path), experiment=experiment, entries=len(entries))
     unmapped: Counter = Counter()
@@ -147,14 +149,13 @@ def import_log(path: str | Path, tracking_uri: str | None = None,
             summary.run_ids[e.name] = old.info.run_id
             continue
         if old is not None:
-            _retry(tracker.client.delete_run, old.info.run_id)
+            tracker.delete_run(old.info.run_id)
         flat = TrainConfig().with_overrides(r.params).to_flat()
         params = {k: flat[k] for k in r.params}
         tags = {**_tags(r, path, text_hash), "mlflow.note.content": f"```\n{text}\n```"}
-        run = _retry(tracker.client.create_run, exp_id, start_time=_date_ms(e), tags=tags, run_name=e.name)
-        run_id = run.info.run_id
+        run_id = tracker.create_run(exp_id, e.name, tags, start_time=_date_ms(e))
         tracker.log_batch(run_id, params=params, metrics=metrics)
-        _retry(tracker.client.set_terminated, run_id, "FINISHED", _date_ms(e))
+        tracker.terminate(run_id, "FINISHED", _date_ms(e))
         summary.run_ids[e.name] = run_id
         if old is not None:
             summary.updated += 1
@@ -256,7 +257,7 @@ def enqueue(resolved: list[Resolved], space_name: str, storage_url: str | None =
             study = optuna.create_study(study_name=study_name, storage=storage, direction=space.direction)
             study.set_user_attr("space", space.name)
         elif study.direction.name.lower() != space.direction:
-            raise ValueError(f"study {study_name!r} is to {study.direction.name.lower()}, the space {space.name} "
+            raise UserError(f"study {study_name!r} is to {study.direction.name.lower()}, the space {space.name} "
                              f"to {space.direction}: choose another --study-name")
         dists = {p.key: p.distribution() for p in space.params if p.key in params}
         study.add_trial(optuna.trial.create_trial(

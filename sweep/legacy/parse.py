@@ -22,6 +22,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from trainer.errors import UserError
 YEAR = 2024  # the competition ran from May to October 2024; the log's sections are `# M.D`
 
 _SECTION = re.compile(r"^#\s*(\d{1,2})\.(\d{1,2})\s*$")
@@ -89,7 +90,7 @@ class Entry:
         return [line.text for top in self.settings for line, _ in top.walk() if line.changed]
 
 
-class LogFormatError(ValueError):
+class LogFormatError(UserError):
     """The file does not look like the experiment log; the message names the file and line."""
 
 

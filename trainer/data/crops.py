@@ -22,6 +22,7 @@ jitter of the crop's centre and scale (augmentations).
 """
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from dataclasses import dataclass
 
@@ -40,30 +41,7 @@ _RECESS = ("left_subarticular_stenosis", "right_subarticular_stenosis")
 AXIAL_MAX_DISTANCE_MM = 10.0  # the fallback projection must land this close to an axial slice
 
 
-@dataclass(frozen=True)
-class CropSpec:
-    """The preprocessing fields that decide a sample's pixels."""
-
-    planes: tuple[str, ...]
-    window_ratio: float
-    axial_window_ratio: float
-    sag_t1_slices: int
-    sag_t2_slices: int
-    axial_slices: int
-    img_size: int
-
-    @classmethod
-    def from_config(cls, data_cfg) -> "CropSpec":
-        return cls(
-            planes=data_cfg.used_planes(),
-            window_ratio=data_cfg.window_ratio,
-            axial_window_ratio=data_cfg.axial_window_ratio,
-            sag_t1_slices=data_cfg.sag_t1_slices,
-            sag_t2_slices=data_cfg.sag_t2_slices,
-            axial_slices=data_cfg.axial_slices,
-            img_size=data_cfg.img_size,
-        )
-
+class _CropSpecMethods:
     def blocks(self) -> list[tuple[str, int]]:
         out = []
         if "sag_t2" in self.planes:
@@ -77,6 +55,25 @@ class CropSpec:
     @property
     def n_slices(self) -> int:
         return sum(n for _, n in self.blocks())
+
+    @classmethod
+    def from_config(cls, data_cfg) -> "CropSpec":
+        return cls(planes=data_cfg.used_planes(), **{name: getattr(data_cfg, name) for name in PIXEL_FIELDS})
+
+
+def _pixel_fields() -> tuple[str, ...]:
+    from ..config import DataConfig
+
+    return tuple(f.name for f in dataclasses.fields(DataConfig) if f.metadata.get("pixels"))
+
+
+PIXEL_FIELDS = _pixel_fields()
+# The preprocessing fields that decide a sample's pixels: the planes in use and every DataConfig
+# field marked `PIXELS` (window ratios, slice counts, image size), made from the config's own
+# declaration so that a new such field cannot be forgotten here.
+CropSpec = dataclasses.make_dataclass("CropSpec", [("planes", tuple)] + [(n, object) for n in PIXEL_FIELDS],
+                                      bases=(_CropSpecMethods,), frozen=True)
+CropSpec.__module__ = __name__  # pickles (DataLoader workers) find it here
 
 
 BLOCK_PLANE = {"sag_t2": "sag_t2", "sag_t1_left": "sag_t1", "sag_t1_right": "sag_t1", "axial": "axial"}

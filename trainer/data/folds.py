@@ -12,6 +12,7 @@ import pandas as pd
 from sklearn.model_selection import StratifiedKFold
 
 from .cache import atomic_write_bytes
+from ..errors import UserError
 from .layout import Layout
 
 
@@ -26,7 +27,7 @@ def make_folds(labels: pd.DataFrame, n_folds: int, seed: int) -> pd.DataFrame:
     burden = _burden(labels).sort_index()
     n = len(burden)
     if n < n_folds:
-        raise ValueError(f"{n} studies cannot be split into {n_folds} folds")
+        raise UserError(f"{n} studies cannot be split into {n_folds} folds")
     n_strata = int(max(1, min(5, n // (2 * n_folds))))
     strata = pd.qcut(burden.rank(method="first"), q=n_strata, labels=False) if n_strata > 1 else np.zeros(n)
     skf = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from ..errors import UserError
 CONDITIONS = (
     "spinal_canal_stenosis",
     "left_neural_foraminal_narrowing",
@@ -50,13 +51,21 @@ GROUP_OF_CONDITION = {
 }
 
 
-class LayoutError(ValueError):
+class LayoutError(UserError):
     """The data folder does not have the RSNA layout; the message names the file and field."""
 
 
 def row_id(study_id: int, condition: str, level: str) -> str:
     """Kaggle submission row id, e.g. ``44036939_left_neural_foraminal_narrowing_l1_l2``."""
     return f"{study_id}_{condition}_{level}"
+
+
+def parse_row_ids(row_ids) -> pd.DataFrame:
+    """The inverse of `row_id` on a column of ids: ``study_id`` (str), ``condition``, ``level``."""
+    ids = pd.Series(row_ids, dtype=str).reset_index(drop=True)
+    study, rest = ids.str.split("_", n=1).str[0], ids.str.split("_", n=1).str[1]
+    parts = rest.str.rsplit("_", n=2)
+    return pd.DataFrame({"study_id": study, "condition": parts.str[0], "level": parts.str[1] + "_" + parts.str[2]})
 
 
 def _read_csv(path: Path, columns: tuple[str, ...], exact: bool = True) -> pd.DataFrame:

@@ -31,6 +31,7 @@ from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, RLELossless, generate_uid
 from scipy.stats import norm
 
+from ..errors import UserError
 from .dicom import Volume
 from .geometry import nearest_slice, patient_to_pixel
 from .layout import CONDITION_NAMES, CONDITIONS, LABEL_COLUMNS, LEVEL_NAMES, LEVELS, SEVERITIES
@@ -461,7 +462,7 @@ def make_phantom(out_dir: Path, studies: int = 50, test_studies: int = 3, seed: 
     rng.shuffle(ids)
     train_ids, test_ids = sorted(ids[:studies]), sorted(ids[studies:])
     if scale not in SCALES:
-        raise ValueError(f"phantom scale {scale!r}: expected one of {', '.join(SCALES)}")
+        raise UserError(f"phantom scale {scale!r}: expected one of {', '.join(SCALES)}")
     tasks = [("train", sid, [seed, sid], True, scale) for sid in train_ids]
     tasks += [("test", sid, [seed, sid], False, scale) for sid in test_ids]
     from tqdm import tqdm

@@ -41,6 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import UserError
 from .cache import atomic_write_bytes, file_lock
 from .dicom import DicomWarning, Volume, read_series
 
@@ -60,7 +61,7 @@ def parse_size(text: str | float | int) -> int:
         return int(float(text) * 2**30)
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)i?b?\s*", str(text), re.I)
     if not m:
-        raise ValueError(f"cache budget {text!r}: expected a size such as 64GB, 500MB or 1.5TB")
+        raise UserError(f"cache budget {text!r}: expected a size such as 64GB, 500MB or 1.5TB")
     unit = {"": 2**30, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}[m.group(2).lower()]
     return int(float(m.group(1)) * unit)
 

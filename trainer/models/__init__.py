@@ -6,7 +6,6 @@ from `head_hidden_size` (= `num_features` unless the model has a pre-logits head
 """
 from __future__ import annotations
 
-import difflib
 import math
 import warnings
 from functools import lru_cache
@@ -16,13 +15,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .heads import RECURRENT_HEADS, get_head, head_names
+from ..config import ConfigError
+from ..errors import UserError, did_you_mean
+from .heads import get_head, head_names
 
 __all__ = ["SpineNet", "build_model", "check_backbone", "check_head", "PretrainedUnavailable",
-           "RECURRENT_HEADS", "head_names"]
+           "head_names"]
 
 
-class PretrainedUnavailable(RuntimeError):
+class PretrainedUnavailable(UserError):
     """Pretrained weights were asked for and cannot be had (no network, unknown tag...)."""
 
 
@@ -32,20 +33,17 @@ def _all_models() -> tuple[str, ...]:
 
 
 def check_backbone(name: str) -> None:
-    """Raise ValueError for a name timm does not know, with close matches."""
+    """Raise ConfigError for a name timm does not know, with close matches."""
     if timm.is_model(name):
         return
-    base = name.split(".")[0]
-    close = difflib.get_close_matches(base, _all_models(), n=3, cutoff=0.6)
-    hint = f"; did you mean {', '.join(close)}?" if close else ""
-    raise ValueError(f"unknown timm backbone {name!r}{hint}")
+    raise ConfigError(f"unknown timm backbone {name!r}{did_you_mean(name.split('.')[0], _all_models())}")
 
 
 def check_head(name: str) -> None:
     try:
         get_head(name)
     except KeyError as e:
-        raise ValueError(e.args[0]) from None
+        raise ConfigError(e.args[0]) from None
 
 
 class GeM(nn.Module):

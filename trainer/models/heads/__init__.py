@@ -3,7 +3,7 @@
 A new head is one module here with a ``@register_head("name")`` class, imported below; the
 parametrised tests then cover it with every test backbone.
 """
-from ._registry import RECURRENT_HEADS, get_head, head_names, register_head
+from ._registry import get_head, head_names, register_head
 from . import attention, linear, recurrent  # noqa: F401  (registration)
 
-__all__ = ["RECURRENT_HEADS", "get_head", "head_names", "register_head"]
+__all__ = ["get_head", "head_names", "register_head"]

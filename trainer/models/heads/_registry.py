@@ -1,13 +1,11 @@
 """The head registry: a name -> class map that refuses duplicates and suggests close names."""
 from __future__ import annotations
 
-import difflib
-
 from torch import nn
 
-_HEADS: dict[str, type[nn.Module]] = {}
+from ...errors import did_you_mean
 
-RECURRENT_HEADS = {"lstm", "gru", "lstm_attention"}  # heads that read rnn_hidden / rnn_layers
+_HEADS: dict[str, type[nn.Module]] = {}
 
 
 def register_head(name: str):
@@ -30,7 +28,5 @@ def head_names() -> list[str]:
 
 def get_head(name: str) -> type[nn.Module]:
     if name not in _HEADS:
-        close = difflib.get_close_matches(name, _HEADS, n=3, cutoff=0.5)
-        hint = f"; did you mean {', '.join(close)}?" if close else ""
-        raise KeyError(f"unknown head {name!r}{hint} (registered: {', '.join(head_names())})")
+        raise KeyError(f"unknown head {name!r}{did_you_mean(name, _HEADS, cutoff=0.5)} (registered: {', '.join(head_names())})")
     return _HEADS[name]

@@ -1,0 +1,201 @@
+"""Ensembles: the promoted members of an ensemble (registered versions tagged
+``ensemble=<name>``), their OOF predictions aligned by row_id; a row is the weighted mean of the
+members that cover it, so a spinal-canal model and a foraminal model combine per condition.
+
+Weights: equal, or optimised on OOF and kept only when a cross-fit over studies (weights fitted on
+the other studies, scored on these: scikit-learn's GroupKFold) says they beat equal weights and the
+best single member out of sample; never worse than the best member on the whole OOF. Logged as a
+run of the MLflow experiment ``ensembles``.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from trainer.data.layout import parse_row_ids
+from trainer.metric import TARGET_COLUMNS, score_groups
+
+from .promote import MODEL_PREFIX, PromoteError
+from .tracking import Tracker
+
+ENSEMBLE_EXPERIMENT = "ensembles"
+
+
+@dataclass
+class Member:
+    model: str
+    version: str
+    trial: str
+    run_id: str
+    source: str
+    oof: pd.DataFrame
+    solution: pd.DataFrame
+
+    @property
+    def label(self) -> str:
+        return f"{self.model} v{self.version} (trial {self.trial})"
+
+
+def members(tracking_uri: str, name: str = "default", with_frames: bool = True) -> list[Member]:
+    """The registered versions tagged ``ensemble=name``, with their full OOF and labels."""
+    tracker = Tracker(tracking_uri)
+    out = []
+    for v in sorted(tracker.model_versions(MODEL_PREFIX), key=lambda v: (v.name, int(v.version))):
+        if v.tags.get("ensemble") != name:
+            continue
+        oof = sol = None
+        if with_frames:
+            tmp = Path(tempfile.mkdtemp(prefix="spinesweep-member-"))
+            oof = pd.read_csv(tracker.download(v.run_id, "promoted/oof.csv", tmp))
+            sol = pd.read_csv(tracker.download(v.run_id, "promoted/solution.csv", tmp))
+            shutil.rmtree(tmp, ignore_errors=True)
+        out.append(Member(v.name, v.version, v.tags.get("trial", "?"), v.run_id, v.source, oof, sol))
+    return out
+
+
+def combine(frames: list[pd.DataFrame], weights: np.ndarray) -> pd.DataFrame:
+    """Row-wise weighted mean over the members that have each row (weights renormalised per row)."""
+    parts = []
+    for w, f in zip(weights, frames):
+        g = f[["row_id", *TARGET_COLUMNS]].copy()
+        g[list(TARGET_COLUMNS)] = g[list(TARGET_COLUMNS)].to_numpy() * w
+        g["_w"] = w
+        parts.append(g)
+    s = pd.concat(parts).groupby("row_id", sort=True).sum()
+    denom = s["_w"].where(s["_w"] > 0, np.nan)
+    out = s[list(TARGET_COLUMNS)].div(denom, axis=0)
+    out = out.fillna(1.0 / 3)
+    out = out.div(out.sum(axis=1), axis=0)
+    return out.reset_index()
+
+
+def _solution(ms: list[Member]) -> pd.DataFrame:
+    return pd.concat([m.solution for m in ms]).drop_duplicates("row_id").reset_index(drop=True)
+
+
+def _score(sol: pd.DataFrame, frames, w) -> float:
+    pred = combine(frames, w)
+    pred = pred[pred["row_id"].isin(set(sol["row_id"]))]
+    return score_groups(sol[sol["row_id"].isin(set(pred["row_id"]))], pred).score
+
+
+def _optimise(sol: pd.DataFrame, frames: list[pd.DataFrame]) -> np.ndarray:
+    from scipy.optimize import minimize
+
+    k = len(frames)
+
+    def weights(theta):
+        e = np.exp(theta - theta.max())
+        return e / e.sum()
+
+    res = minimize(lambda th: _score(sol, frames, weights(th)), np.zeros(k), method="Nelder-Mead",
+                   options=dict(maxiter=200 * k, xatol=1e-3, fatol=1e-5))
+    return weights(res.x)
+
+
+@dataclass
+class EnsembleResult:
+    name: str
+    method: str
+    members: list[dict]
+    weights: list[float]
+    score: float
+    groups: dict[str, float]
+    held_out: dict[str, float] = field(default_factory=dict)
+    run_id: str | None = None
+
+
+def ensemble(tracking_uri: str, name: str = "default", method: str = "optimize") -> EnsembleResult:
+    ms = members(tracking_uri, name)
+    if not ms:
+        raise PromoteError(f"ensemble {name!r} has no members: promote a trial first (optuna-run promote SPACE)")
+    sol = _solution(ms)
+    frames = [m.oof for m in ms]
+    k = len(ms)
+    member_rows = []
+    for m in ms:
+        r = score_groups(m.solution, m.oof)
+        member_rows.append({"member": m.label, "run_id": m.run_id, "score": r.score, **r.groups})
+    equal = np.full(k, 1.0 / k)
+    held_out: dict[str, float] = {}
+    weights, chosen = equal, "equal"
+    studies = parse_row_ids(sol["row_id"])["study_id"].to_numpy()
+    if method == "optimize" and k > 1 and len(set(studies)) > 1:  # a cross-fit needs two studies
+        from sklearn.model_selection import GroupKFold
+
+        n_parts = min(5, len(set(studies)))
+        preds = {"equal": [], "optimized": [], "best_member": []}
+        for fit_idx, test_idx in GroupKFold(n_parts).split(sol, groups=studies):  # whole studies held out
+            fit_sol, test_sol = sol.iloc[fit_idx], sol.iloc[test_idx]
+            w_opt = _optimise(fit_sol, frames)
+            single = np.eye(k)[int(np.argmin([_score(fit_sol, frames, np.eye(k)[i]) for i in range(k)]))]
+            for key, w in (("equal", equal), ("optimized", w_opt), ("best_member", single)):
+                p = combine(frames, w)
+                preds[key].append(p[p["row_id"].isin(set(test_sol["row_id"]))])
+        for key, parts in preds.items():
+            p = pd.concat(parts, ignore_index=True)
+            held_out[key] = score_groups(sol[sol["row_id"].isin(set(p["row_id"]))], p).score
+        chosen = min(held_out, key=held_out.get)
+        best_single = np.eye(k)[int(np.argmin([_score(sol, frames, np.eye(k)[i]) for i in range(k)]))]
+        if chosen == "optimized":
+            weights = _optimise(sol, frames)
+        elif chosen == "best_member":
+            weights = best_single
+        # the members' OOF predictions are out of fold, so their OOF scores are honest: a
+        # combination that the cross-fit preferred but that does worse than the best member on the
+        # whole OOF is noise of a small cross-fit, and the best member is kept instead
+        if chosen != "best_member" and _score(sol, frames, weights) > _score(sol, frames, best_single):
+            chosen, weights = "best_member (guard)", best_single
+    pred = combine(frames, weights)
+    total = score_groups(sol, pred[pred["row_id"].isin(set(sol["row_id"]))])
+    result = EnsembleResult(name, chosen, member_rows,
+                            [float(w) for w in weights], total.score, total.groups, held_out)
+    result.run_id = _log_ensemble(tracking_uri, result, ms, pred)
+    return result
+
+
+def _log_ensemble(tracking_uri: str, result: EnsembleResult, ms: list[Member], pred: pd.DataFrame) -> str:
+    tracker = Tracker(tracking_uri)
+    exp = tracker.ensure_experiment(ENSEMBLE_EXPERIMENT)
+    run_id = tracker.start_run(exp, f"{result.name}-{time.strftime('%Y%m%d-%H%M%S')}", tags={
+        "ensemble": result.name, "method": result.method})
+    members_json = [{"model": m.model, "version": m.version, "trial": m.trial, "run_id": m.run_id,
+                     "weight": w} for m, w in zip(ms, result.weights)]
+    tracker.log_batch(run_id, params={"members": json.dumps([f"{m.model}/{m.version}" for m in ms]),
+                                      "weights": json.dumps([round(w, 6) for w in result.weights]),
+                                      "method": result.method, "n_members": len(ms)},
+                      metrics={"score": result.score, **{f"final_{k}": v for k, v in result.groups.items()},
+                               **{f"member{i}_score": r["score"] for i, r in enumerate(result.members)},
+                               **{f"held_out_{k}": v for k, v in result.held_out.items()}})
+    tmp = Path(tempfile.mkdtemp(prefix="spinesweep-ensemble-"))
+    pred.to_csv(tmp / "oof.csv", index=False)
+    (tmp / "members.json").write_text(json.dumps(members_json, indent=2))
+    tracker.log_artifacts(run_id, tmp)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tracker.end_run(run_id, "FINISHED")
+    return run_id
+
+
+def ensemble_weights(tracking_uri: str, name: str, ms: list[Member]) -> list[float]:
+    """The weights of the latest logged ensemble of that name for these members (equal when the
+    ensemble was never built or its members changed since)."""
+    tracker = Tracker(tracking_uri)
+    exp = tracker.get_experiment(ENSEMBLE_EXPERIMENT)
+    equal = [1.0 / len(ms)] * len(ms)
+    if exp is None:
+        return equal
+    runs = tracker.search_runs([exp.experiment_id], f"tags.ensemble = '{name}'",
+                               order_by=["attributes.start_time DESC"], max_results=1)
+    if not runs:
+        return equal
+    logged = json.loads(runs[0].data.params.get("members", "[]"))
+    if logged != [f"{m.model}/{m.version}" for m in ms]:
+        return equal
+    return json.loads(runs[0].data.params["weights"])

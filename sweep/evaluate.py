@@ -1,0 +1,81 @@
+"""Fit a config on some folds, join their out-of-fold predictions and score them: the one loop
+behind a trial (`objective`), `reproduce` (`query`) and `promote`.
+
+What differs between them (Optuna reports, MLflow runs, fold artifacts, pruning) comes in as
+`FoldHooks`; the loop itself knows nothing of Optuna or MLflow.
+"""
+from __future__ import annotations
+
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from typing import Callable
+
+import pandas as pd
+
+from trainer.config import TrainConfig
+from trainer.metric import ScoreResult, score_groups
+
+
+class FoldHooks:
+    """What a caller does around each fold's `fit` (every method optional)."""
+
+    def callbacks(self, i: int, fold: int) -> list:
+        """The fit callbacks of the i-th fold (curves, a pruning reporter...)."""
+        return []
+
+    def done(self, i: int, fold: int, result) -> bool:
+        """After a fold trained (its checkpoint still on disk): True stops before the next fold."""
+        return False
+
+    def failed(self, i: int, fold: int, error: BaseException) -> None:
+        """The fold's fit raised (the error propagates after this)."""
+
+
+@dataclass
+class FoldScores:
+    results: list = field(default_factory=list)  # one FitResult per fold trained
+    stopped: bool = False  # a hook stopped the loop (a pruned trial)
+    extra_oof: list[pd.DataFrame] = field(default_factory=list)  # OOF of folds trained earlier
+    extra_solution: list[pd.DataFrame] = field(default_factory=list)
+
+    @property
+    def oof(self) -> pd.DataFrame:
+        return pd.concat(self.extra_oof + [r.oof for r in self.results], ignore_index=True)
+
+    @property
+    def solution(self) -> pd.DataFrame:
+        return pd.concat(self.extra_solution + [r.solution for r in self.results], ignore_index=True)
+
+    def score(self) -> ScoreResult:
+        """The host metric on the joined OOF predictions of every fold (not a mean of fold scores)."""
+        return score_groups(self.solution, self.oof)
+
+    @property
+    def prior_score(self) -> float:
+        return sum(r.prior_score for r in self.results) / len(self.results)
+
+
+def evaluate_folds(cfg: TrainConfig, folds, hooks: FoldHooks | None = None,
+                   fit_fn: Callable | None = None, prefix: str = "spinesweep-") -> FoldScores:
+    """`fit` on each fold in turn (each in a scratch output folder, removed after `hooks.done`)."""
+    if fit_fn is None:
+        from trainer.fit import fit as fit_fn
+    hooks = hooks or FoldHooks()
+    out = FoldScores()
+    for i, fold in enumerate(folds):
+        work = tempfile.mkdtemp(prefix=f"{prefix}fold{fold}-")
+        try:
+            fold_cfg = cfg.with_overrides({"data.fold": fold, "output_dir": work})
+            try:
+                result = fit_fn(fold_cfg, callbacks=hooks.callbacks(i, fold))
+            except BaseException as e:
+                hooks.failed(i, fold, e)
+                raise
+            out.results.append(result)
+            if hooks.done(i, fold, result):
+                out.stopped = True
+                return out
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    return out

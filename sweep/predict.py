@@ -1,0 +1,71 @@
+"""Predict: every member of an ensemble on the test studies (`trainer.infer`), combined with the
+ensemble's weights, rows the ensemble does not cover filled with the training label frequencies,
+written in the exact ``sample_submission.csv`` form."""
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from trainer.metric import TARGET_COLUMNS, class_prior
+
+from .ensemble import combine, ensemble_weights, members
+from .promote import PromoteError
+from .tracking import Tracker
+
+
+def predict(data_dir: str, out: str | Path, tracking_uri: str, name: str = "default", device: str = "cpu",
+            log=print) -> dict[str, Any]:
+    from trainer.data.layout import CONDITIONS, LEVELS, Layout, parse_row_ids, row_id
+    from trainer.infer import LevelPrior, predict_studies
+
+    ms = members(tracking_uri, name, with_frames=False)
+    if not ms:
+        raise PromoteError(f"ensemble {name!r} has no members: promote a trial first (optuna-run promote SPACE)")
+    weights = ensemble_weights(tracking_uri, name, ms)
+    layout = Layout(Path(data_dir))
+    study_ids = sorted(layout.test_series["study_id"].unique().tolist())
+    if not study_ids:
+        raise PromoteError(f"{data_dir}: test_series_descriptions.csv lists no study")
+    prior = LevelPrior.fit(layout)
+    tracker = Tracker(tracking_uri)
+    frames, used = [], []
+    for m, w in zip(ms, weights):
+        if w <= 0:
+            log(f"predict: {m.label} has weight 0 in the ensemble: skipped")
+            continue
+        used.append(w)
+        tmp = Path(tempfile.mkdtemp(prefix="spinesweep-predict-"))
+        ckpts = [tracker.download(m.run_id, n, tmp) for n in tracker.list_artifacts(m.run_id, "promoted")
+                 if n.endswith(".pt")]
+        log(f"predict: {m.label} on {len(study_ids)} test studies ({len(ckpts)} fold checkpoints)")
+        frames.append(predict_studies(ckpts, data_dir, study_ids, prior=prior, device=device))
+        shutil.rmtree(tmp, ignore_errors=True)
+    pred = combine(frames, np.asarray(used)).set_index("row_id")
+    fallback = class_prior(layout.labels)
+    sample = layout.root / "sample_submission.csv"
+    ids = [row_id(s, c, lv) for s in study_ids for c in CONDITIONS for lv in LEVELS]
+    if sample.exists():
+        listed = pd.read_csv(sample)["row_id"].tolist()
+        if set(listed) == set(ids):
+            ids = listed  # the exact order of the sample
+    rows, filled = [], set()
+    for rid, cond in zip(ids, parse_row_ids(ids)["condition"]):
+        if rid in pred.index:
+            rows.append([rid, *pred.loc[rid, list(TARGET_COLUMNS)].to_numpy(dtype=float)])
+        else:
+            filled.add(cond)
+            rows.append([rid, *fallback[cond]])
+    sub = pd.DataFrame(rows, columns=["row_id", *TARGET_COLUMNS])
+    vals = sub[list(TARGET_COLUMNS)].to_numpy()
+    vals = np.clip(np.nan_to_num(vals, nan=1.0 / 3), 1e-7, 1.0)
+    sub[list(TARGET_COLUMNS)] = vals / vals.sum(1, keepdims=True)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    sub.to_csv(out, index=False)
+    return {"path": str(out), "rows": len(sub), "studies": len(study_ids), "members": [m.label for m in ms],
+            "weights": weights, "filled_with_label_prior": sorted(filled)}
