@@ -42,7 +42,7 @@ print(json.dumps(dict(base_kib=base, peak_kib=peak)))
 def decode_ratio(data: Path, n_files: int = 600) -> dict:
     import pydicom
 
-    from trainer.data.dicom import _read_slice
+    from trainer.data.dicom import read_slice
 
     files = sorted((data / "train_images").rglob("*.dcm"))[:n_files]
     for f in files[:20]:  # warm the page cache for both readers alike
@@ -53,7 +53,7 @@ def decode_ratio(data: Path, n_files: int = 600) -> dict:
         return ds.pixel_array, ds.ImagePositionPatient, ds.ImageOrientationPatient, ds.PixelSpacing
 
     timings = {}
-    for name, fn in (("pydicom", pydicom_read), ("dicomsdl", _read_slice)):
+    for name, fn in (("pydicom", pydicom_read), ("dicomsdl", read_slice)):
         best = float("inf")
         for _ in range(3):
             t0 = time.perf_counter()

@@ -24,9 +24,9 @@ def _free_port() -> int:
 
 def mlflow_ui(tracking_uri: str, experiment: str, out: Path) -> Path:
     """Start `mlflow ui` on loopback, screenshot the experiment's run list, stop it."""
-    from mlflow.tracking import MlflowClient
+    from sweep.tracking import Tracker
 
-    exp = MlflowClient(tracking_uri).get_experiment_by_name(experiment)
+    exp = Tracker(tracking_uri).get_experiment(experiment)
     if exp is None:
         raise SystemExit(f"no MLflow experiment {experiment!r}: run the study first")
     port = _free_port()

@@ -131,12 +131,12 @@ def test_phantom_left_points_lie_on_the_patients_left(layout):
                                   "MR_small_RLE.dcm", "MR_small_bigendian.dcm", "MR_small_implicit.dcm"])
 def test_pydicom_test_files_never_crash_the_reader(tmp_path, name):
     """dicomsdl segfaults or aborts on some of these; the reader must only skip or decode them."""
-    from trainer.data.dicom import _read_slice
+    from trainer.data.dicom import read_slice
     from pathlib import Path
 
     path = Path(get_testdata_file(name))
     try:
-        pixels, *_ = _read_slice(path)
+        pixels, *_ = read_slice(path)
     except Exception as e:
         assert name in ("MR_truncated.dcm", "SC_rgb_rle_32bit.dcm", "rtplan.dcm", "no_meta.dcm"), e
     else:

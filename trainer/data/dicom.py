@@ -106,7 +106,7 @@ def structurally_intact(buf: bytes) -> bool:
     return False
 
 
-def _read_slice(path: Path):
+def read_slice(path: Path):
     buf = path.read_bytes()
     if structurally_intact(buf):
         ds = dicomsdl.open_memory(buf)
@@ -164,7 +164,7 @@ def read_series(series_dir: Path) -> Volume:
     rows, skipped = [], []
     for f in files:
         try:
-            rows.append(_read_slice(f))
+            rows.append(read_slice(f))
         except Exception as e:  # dicomsdl raises RuntimeError/DicomException on broken files
             reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
             skipped.append((f.name, reason))
