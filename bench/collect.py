@@ -11,7 +11,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.common import RESULTS, machine, met_cell, ratio_cell  # noqa: E402
 
-ORDER = ("data", "trainer", "study", "scale")
+ORDER = ("data", "trainer", "study", "scale", "search")
 
 
 def main() -> int:
