@@ -247,11 +247,12 @@ def _incumbent_at(trace, epochs: float) -> float:
 
 
 def _quartiles(values: list[float], pessimistic: bool = False) -> tuple[float, float, float]:
-    """Quartiles; `pessimistic` takes the upper of two middle values (epochs to a target, where a
-    seed that never got there counts as infinite)."""
+    """Quartiles; `pessimistic` (or any infinite value: a seed that never got there, no completed
+    trial yet) takes the upper of two middle values instead of interpolating."""
     import numpy as np
 
-    q = np.percentile(np.asarray(values, dtype=float), [25, 50, 75], method="higher" if pessimistic else "linear")
+    a = np.asarray(values, dtype=float)
+    q = np.percentile(a, [25, 50, 75], method="higher" if pessimistic or np.isinf(a).any() else "linear")
     return tuple(float(x) for x in q)
 
 
@@ -298,7 +299,8 @@ def curves_for_figure(runs: list[dict], grid_best: float, total: int, points: in
     for name, rows in by.items():
         a = np.asarray(rows, dtype=float)
         keep = ~np.isnan(a).any(axis=0)
-        q = np.percentile(a[:, keep], [25, 50, 75], axis=0, method="lower")
+        q = np.percentile(a[:, keep], [25, 50, 75], axis=0, method="higher")
+        q[np.isinf(q)] = np.nan  # no completed trial yet: a gap in the line
         out[name] = {"x": [x / total for x, k in zip(xs, keep) if k], "q25": q[0].tolist(), "median": q[1].tolist(),
                      "q75": q[2].tolist()}
     return out
