@@ -197,6 +197,10 @@ def replay_one(args) -> dict:
     from sweep.space import load_space
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
+    if sampler_name == "gp":  # GPSampler fits with torch: one thread per replay process, no oversubscription
+        import torch
+
+        torch.set_num_threads(1)
     space = load_space(SPACE)
     epochs = len(next(iter(table.values())))
     params = {p.key: p for p in space.params if p.key != "model.rnn_hidden"}  # held fixed in the grid
