@@ -4,7 +4,6 @@ running a short study of a cheap objective the way a trial reports."""
 from __future__ import annotations
 
 import multiprocessing as mp
-import textwrap
 
 import optuna
 import pytest
