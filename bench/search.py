@@ -214,7 +214,7 @@ def replay_one(args) -> dict:
         warnings.simplefilter("ignore")  # experimental samplers, CMA-ES's categorical fallback
         while spent < total * horizon:
             trial = study.ask()
-            v = {k: _suggest(trial, p) for k, p in params.items()}
+            v = {k: p.suggest(trial) for k, p in params.items()}
             key = (v["model.head"], _nearest(v["data.window_ratio"], axes["data.window_ratio"], False),
                    _nearest(v["optim.lr"], axes["optim.lr"], True), _nearest(v["model.dropout"], axes["model.dropout"], False))
             curve = table[key]
@@ -233,14 +233,6 @@ def replay_one(args) -> dict:
                 best = min(best, so_far)
             trace.append((spent, best))
     return {"sampler": sampler_name, "pruner": pruner_name, "seed": seed, "trace": trace, "horizon": horizon}
-
-
-def _suggest(trial, p):
-    if p.type == "float":
-        return trial.suggest_float(p.key, p.low, p.high, log=p.log, step=p.step)
-    if p.type == "int":
-        return trial.suggest_int(p.key, p.low, p.high, log=p.log, step=p.step or 1)
-    return trial.suggest_categorical(p.key, list(p.choices))
 
 
 def _incumbent_at(trace, epochs: float) -> float:

@@ -98,6 +98,14 @@ class Param:
             return optuna.distributions.IntDistribution(self.low, self.high, log=self.log, step=self.step or 1)
         return optuna.distributions.CategoricalDistribution(self.choices)
 
+    def suggest(self, trial: optuna.Trial):
+        """This parameter's value for the trial, from its distribution."""
+        if self.type == "float":
+            return trial.suggest_float(self.key, self.low, self.high, log=self.log, step=self.step)
+        if self.type == "int":
+            return trial.suggest_int(self.key, self.low, self.high, log=self.log, step=self.step or 1)
+        return trial.suggest_categorical(self.key, list(self.choices))
+
     def active(self, values: dict[str, Any]) -> bool:
         return all(values.get(k) in allowed for k, allowed in self.when.items())
 
@@ -157,12 +165,7 @@ class SearchSpace:
         for p in self.params:
             if p.key in never or not p.active(values):
                 continue
-            if p.type == "float":
-                v = trial.suggest_float(p.key, p.low, p.high, log=p.log, step=p.step)
-            elif p.type == "int":
-                v = trial.suggest_int(p.key, p.low, p.high, log=p.log, step=p.step or 1)
-            else:
-                v = trial.suggest_categorical(p.key, list(p.choices))
+            v = p.suggest(trial)
             values[p.key] = v
             if _op_name(p.key):
                 op_p[_op_name(p.key)] = v
