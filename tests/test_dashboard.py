@@ -111,8 +111,9 @@ def test_a_study_ends_with_a_dashboard_that_renders_every_figure(phantom_dir, tm
     _need_browser()
     monkeypatch.chdir(tmp_path)
     assert main(["import-log"]) == 0
-    assert main(["demo", "--smoke", "--n-trials", "4", "--workers", "2", "--data", str(phantom_dir),
-                 "--set", "optim.epochs=3"]) == 0
+    # one epoch (--smoke): nothing is pruned at a trial's last step, so all four trials complete
+    # (the importances need at least two), whatever the demo's pruner
+    assert main(["demo", "--smoke", "--n-trials", "4", "--workers", "2", "--data", str(phantom_dir)]) == 0
     out = capsys.readouterr().out
     report = Path("dashboards/demo-smoke.html")
     assert report.exists() and "dashboard written: dashboards/demo-smoke.html" in out and "optuna-run ui" in out
