@@ -141,3 +141,44 @@ def test_pydicom_test_files_never_crash_the_reader(tmp_path, name):
         assert name in ("MR_truncated.dcm", "SC_rgb_rle_32bit.dcm", "rtplan.dcm", "no_meta.dcm"), e
     else:
         assert pixels.shape == (64, 64)
+
+
+def _patch_rows(path, value):
+    buf = path.read_bytes()
+    i = buf.index(b"\x28\x00\x10\x00US\x02\x00", 132)
+    path.write_bytes(buf[:i + 8] + value.to_bytes(2, "little") + buf[i + 10:])
+
+
+@pytest.mark.parametrize("rle_every", [0, 1])
+@pytest.mark.parametrize("rows", [0, 63, 65, 200, 4096, 65535])
+def test_a_header_that_disagrees_with_the_pixel_bytes_skips_the_slice(tmp_path, rows, rle_every):
+    """Rows 65535 used to crash the interpreter in the native decoder; 200 or 4096 read past the
+    pixel buffer silently. The header is now checked against the bytes before any decoder."""
+    write_sagittal(tmp_path, [0.0, 3.0, 6.0], instances=[1, 2, 3], rle_every=rle_every)
+    _patch_rows(tmp_path / "2.dcm", rows)
+    with pytest.warns(DicomWarning, match=r"2\.dcm: unreadable DICOM slice skipped \(.*(Rows|RLE segment)"):
+        vol = read_series(tmp_path)
+    assert sorted(vol.instance_numbers) == [1, 3] and [n for n, _ in vol.skipped] == ["2.dcm"]
+
+
+def test_a_slice_of_another_series_or_plane_is_skipped_with_a_warning(tmp_path):
+    write_sagittal(tmp_path / "s", [0.0, 3.0, 6.0, 9.0], instances=[1, 2, 3, 4])
+    # a readable 32 px axial slice with the same SeriesInstanceUID (same study and series ids)
+    write_series(tmp_path / "axial", dot_images(1, size=32), series_plan(AXIAL, [(-8, -8, 0.0)], size=32),
+                 [7], 1, 2)
+    shutil.copy(tmp_path / "axial" / "7.dcm", tmp_path / "s" / "7.dcm")
+    # a sagittal slice of another series
+    write_sagittal(tmp_path / "other", [12.0], instances=[8])
+    import pydicom
+
+    ds = pydicom.dcmread(tmp_path / "other" / "8.dcm")
+    ds.SeriesInstanceUID = "1.2.3.4"
+    ds.save_as(tmp_path / "s" / "8.dcm")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        vol = read_series(tmp_path / "s")
+    messages = [str(w.message) for w in caught if issubclass(w.category, DicomWarning)]
+    assert sorted(vol.instance_numbers) == [1, 2, 3, 4]
+    assert any("8.dcm: slice of another series skipped (SeriesInstanceUID 1.2.3.4 while 5 of 6" in m for m in messages)
+    assert any("7.dcm: slice of another series skipped (axial slice among 4 sagittal slices of 5)" in m
+               for m in messages), messages
