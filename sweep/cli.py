@@ -66,6 +66,20 @@ def parse_overrides(items: list[str]) -> dict[str, str]:
     return out
 
 
+def check_stores(args) -> None:
+    """Before any trial: a SQLite file given on the command line goes in a folder that exists (a
+    typo is not silently created), and an HTTP tracking server answers within seconds."""
+    from .stores import sqlite_path
+    from .tracking import probe_server
+
+    for flag, url in (("--storage", args.storage), ("--tracking-uri", args.tracking_uri)):
+        db = sqlite_path(url) if url else None
+        if db is not None and not db.parent.is_dir():
+            raise UserError(f"{flag} {url}: folder {db.parent} does not exist (create it first)")
+    if (args.tracking_uri or "").startswith(("http://", "https://")):
+        probe_server(args.tracking_uri)
+
+
 def storage_url(args) -> str:
     from .study import DEFAULT_STORAGE
 
@@ -150,6 +164,9 @@ def define_study(p: argparse.ArgumentParser) -> Callable:
         from .tracking import git_commit, package_versions
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress lines below say it all
+        for flag, value in (("--n-trials", args.n_trials), ("--timeout", args.timeout)):
+            if value is not None and not value > 0:
+                raise UserError(f"{flag} must be positive (got {value:g})")
         space = load_space(args.space)  # validates everything before any trial starts
         workers = plan_workers(args.gpus, args.workers, args.trials_per_gpu)
         settings = Settings(smoke=args.smoke, pinned=parse_overrides(args.set or []))
@@ -157,9 +174,12 @@ def define_study(p: argparse.ArgumentParser) -> Callable:
         data = ensure_data(args.data)
         settings = dataclasses.replace(settings, data_dir=str(data))
         study_name = check_study_name(args.study_name or (f"{space.name}-smoke" if args.smoke else space.name))
-        n_trials = args.n_trials or space.n_trials
+        n_trials = args.n_trials if args.n_trials is not None else space.n_trials
         from trainer.data.cache import data_fingerprint
         from trainer.data.layout import Layout
+
+        Layout(data).validate()  # the label CSVs, once: no trial starts on data `data check` rejects
+        check_stores(args)
 
         tags = {"git_commit": git_commit(), "data_fingerprint": data_fingerprint(Layout(data)),
                 "space_file": space.path.name, "space_file_hash": space.file_hash,

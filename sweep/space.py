@@ -214,12 +214,17 @@ def resolve_space_path(name_or_path: str) -> Path:
 def load_space(name_or_path: str) -> SearchSpace:
     """Load and validate a space: every key, distribution and name, building nothing."""
     path = resolve_space_path(name_or_path)
-    text = path.read_text()
     where = str(path)
     try:
-        raw = yaml.safe_load(text) or {}
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise SpaceError(f"{where}: cannot be read as a UTF-8 YAML file ({e})") from None
+    try:
+        raw = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise SpaceError(f"{where}: invalid YAML ({e})") from None
+    if raw is None:
+        raise SpaceError(f"{where}: the file is empty; a space needs at least `params` (see search_spaces/demo.yaml)")
     if not isinstance(raw, dict):
         raise SpaceError(f"{where}: top level must be a mapping")
     unknown = set(raw) - TOP_KEYS
@@ -251,7 +256,9 @@ def load_space(name_or_path: str) -> SearchSpace:
     if not isinstance(raw_params, dict):
         raise err("params", "must be a mapping of config keys to distributions")
     for key, spec in raw_params.items():
-        params.append(_param(key, spec, base, seen, err))
+        if key in fixed:
+            raise err(f"params.{key}", "is also in `fixed`: a key is either fixed or sampled, not both")
+        params.append(_param(key, spec, base, seen, err, {q.key: q for q in params}, fixed))
         seen.add(key)
 
     sampler = _named(raw.get("sampler") or {"name": "tpe"}, SAMPLERS, "sampler", err)
@@ -278,7 +285,8 @@ def _op_name(key: str) -> str | None:
     return parts[2] if len(parts) == 4 and parts[:2] == ["augment", "ops"] and parts[3] == "p" else None
 
 
-def _param(key: str, spec, base: TrainConfig, seen: set, err) -> Param:
+def _param(key: str, spec, base: TrainConfig, seen: set, err, earlier: dict | None = None,
+           fixed: dict | None = None) -> Param:
     from trainer.augment import PRESETS
     from trainer.models import check_backbone, check_head
 
@@ -291,9 +299,16 @@ def _param(key: str, spec, base: TrainConfig, seen: set, err) -> Param:
         raise err(where, f"unknown field(s) {sorted(extra)} (known: {sorted(allowed)})")
     kind = spec.get("type")
     when = {k: tuple(v if isinstance(v, list) else [v]) for k, v in (spec.get("when") or {}).items()}
-    for k in when:
+    for k, allowed in when.items():
         if k not in seen:
             raise err(f"{where}.when", f"{k!r} is neither a fixed value nor an earlier parameter")
+        other = (earlier or {}).get(k)
+        if other is not None and other.type == "categorical":
+            missing = [v for v in allowed if v not in other.choices]
+            if missing:
+                raise err(f"{where}.when", f"{k} value(s) {missing} are not among its choices {list(other.choices)}")
+        elif k in (fixed or {}) and fixed[k] not in allowed:
+            raise err(f"{where}.when", f"{k} is fixed to {fixed[k]!r}, so this parameter would never be sampled")
 
     def check_value(v):
         if _op_name(key):
@@ -319,8 +334,10 @@ def _param(key: str, spec, base: TrainConfig, seen: set, err) -> Param:
             raise err(where, f"low {low} > high {high}")
         if log and low <= 0:
             raise err(where, f"log scale needs low > 0, got {low}")
-        if step is not None and (step <= 0 or log):
-            raise err(where, "step must be > 0 and cannot be combined with log")
+        if step is not None and (not isinstance(step, (int, float)) or isinstance(step, bool) or step <= 0 or log):
+            raise err(where, f"step must be a number > 0 and cannot be combined with log, got {step!r}")
+        if kind == "int" and step is not None and not float(step).is_integer():
+            raise err(where, f"step must be an integer for an int parameter, got {step!r}")
         if kind == "int":
             low, high = int(low), int(high)
             step = int(step) if step is not None else None

@@ -105,10 +105,11 @@ class TrialQuota:
     @staticmethod
     def counted(trials) -> list:
         """Trials that count towards N: not those replaced by a retry (a dead worker's, or an
-        interrupted one's), not imported legacy ones."""
+        interrupted one's), not those whose worker died (failed by the launcher), not imported
+        legacy ones."""
         retried = {t.system_attrs.get("failed_trial") for t in trials}
         return [t for t in trials if t.number not in retried and not is_legacy(t)
-                and not t.user_attrs.get("interrupted")]
+                and not t.user_attrs.get("interrupted") and not t.user_attrs.get("worker_died")]
 
     def used(self, study: optuna.Study) -> tuple[int, int]:
         """(trials that count towards N, of which waiting to be run)."""
@@ -387,7 +388,7 @@ def launch(space: SearchSpace, n_trials: int, *, study_name: str, storage_url: s
         raise
     finally:
         with contextlib.suppress(Exception):  # never mask why the study stopped
-            _close_orphan_runs(tracker, experiment_id, parent, study)
+            _close_orphan_runs(tracker, experiment_id, parent, study, storage)
         with contextlib.suppress(Exception):
             tracker.end_run(parent, status)
     trials = study.get_trials(deepcopy=False)
@@ -431,26 +432,53 @@ def _run_processes(ctx, n_trials, deadline, workers, started, heartbeat) -> None
         raise
     if any(p.exitcode in (130, -signal.SIGINT) for p in procs):
         raise KeyboardInterrupt  # Ctrl-C reached the workers before (or instead of) the launcher
-    crashed = [p.name for p in procs if p.exitcode not in (0, None)]
+    crashed = [f"{p.name} {exit_reason(p.exitcode)}" for p in procs if p.exitcode not in (0, None)]
     if crashed and len(crashed) == len(procs):
-        raise StudyError(f"every worker ({', '.join(crashed)}) stopped with an error (see above)")
+        raise StudyError(f"every worker stopped with an error: {'; '.join(crashed)} (their trials are marked "
+                         f"failed; `optuna-run runs {ctx.study_name}` shows each trial's error)")
     if crashed:
-        print(f"warning: worker(s) {', '.join(crashed)} exited abnormally; the others finished the study",
+        print(f"warning: worker(s) {'; '.join(crashed)}; the others finished the study",
               file=sys.stderr, flush=True)
 
 
-def _close_orphan_runs(tracker: Tracker, experiment_id: str, parent: str, study: optuna.Study) -> None:
-    """No child run of this invocation stays RUNNING once its trial is over (a worker killed
-    between the end of its trial and its MLflow call, say)."""
+def exit_reason(code: int) -> str:
+    """A worker's exit code in words: a negative code is the signal that killed it."""
+    if code is not None and code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        native = " (a crash in native code)" if name in ("SIGSEGV", "SIGBUS", "SIGABRT", "SIGILL", "SIGFPE") else ""
+        return f"was killed by {name}{native}"
+    return f"exited with code {code}"
+
+
+def _close_orphan_runs(tracker: Tracker, experiment_id: str, parent: str, study: optuna.Study,
+                      storage: RDBStorage | None = None) -> None:
+    """Once this invocation's workers have all stopped, none of its trials or child runs stays
+    RUNNING: a worker killed mid-trial (a native crash, the out-of-memory killer) leaves both
+    behind. Its trial is failed, saying so, and its run closed. Trials of other launchers on the
+    same study have other parent runs and are left alone (their heartbeats cover them)."""
+    runs = tracker.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent}' "
+                               "and attributes.status = 'RUNNING'", max_results=1000)
+    if not runs:
+        return
     try:
-        running = {t.user_attrs.get("mlflow_run_id") for t in study.get_trials(deepcopy=False)
-                   if t.state in (TrialState.RUNNING, TrialState.WAITING)}
-    except Exception:  # the storage is gone: every run of this invocation still RUNNING is orphaned
-        running = set()
-    with contextlib.suppress(Exception):
-        runs = tracker.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent}' "
-                                   "and attributes.status = 'RUNNING'", max_results=1000)
-        for r in runs:
-            if r.info.run_id not in running:
-                tracker.set_tags(r.info.run_id, {"error": "closed by the launcher: its trial had ended"})
-                tracker.end_run(r.info.run_id, "FAILED")
+        trials = {t.number: t for t in study.get_trials(deepcopy=False)}
+        study_id = storage.get_study_id_from_name(study.study_name) if storage else None
+    except Exception:  # the storage is gone: close the runs at least
+        trials, study_id = {}, None
+    for r in runs:
+        number = r.data.tags.get("trial")
+        trial = trials.get(int(number)) if number and number.isdigit() else None
+        if trial is not None and trial.state == TrialState.RUNNING and study_id is not None:
+            error = f"its worker ({r.data.tags.get('worker', '?')}) died during the trial"
+            with contextlib.suppress(Exception):
+                trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
+                storage.set_trial_user_attr(trial_id, "error", error)
+                storage.set_trial_user_attr(trial_id, "worker_died", True)  # not counted: --resume replaces it
+                storage.set_trial_state_values(trial_id, TrialState.FAIL)
+            tracker.set_tags(r.info.run_id, {"error": error})
+        else:
+            tracker.set_tags(r.info.run_id, {"error": "closed by the launcher: its trial had ended"})
+        tracker.end_run(r.info.run_id, "FAILED")

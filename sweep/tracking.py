@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from trainer.errors import UserError
+
 DEFAULT_MLRUNS = Path("mlruns")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # downloads are small; keep output clean
 _SECRET = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:/@\s]+):(?P<pw>[^@/\s]+)@", re.I)
@@ -53,6 +55,29 @@ def _retry(fn: Callable, *args, attempts: int = 6, base_delay: float = 0.5, **kw
             time.sleep(base_delay * 2**i)
 
 
+class TrackingError(UserError):
+    """The MLflow tracking store cannot be reached or opened; the message names it (redacted)."""
+
+
+PROBE_TIMEOUT = 5.0  # seconds: an unreachable tracking server is one line, not a hang
+
+
+def probe_server(uri: str, timeout: float = PROBE_TIMEOUT) -> None:
+    """An HTTP tracking server must answer its /health endpoint within `timeout` seconds; any
+    HTTP answer (even 401 behind a proxy) means it is there."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return
+    except Exception as e:
+        reason = getattr(e, "reason", e)
+        raise TrackingError(f"tracking server {redact(uri)} does not answer within {timeout:g} s ({reason}); "
+                            f"start it (optuna-run server) or check --tracking-uri") from None
+
+
 class Tracker:
     """One MLflow tracking store."""
 
@@ -65,10 +90,17 @@ class Tracker:
         if tracking_uri.startswith(("sqlite:", "postgresql")):
             # a database store is created (migrated) when the client is made: once, under a lock
             # every launcher sees, or two creating it at once crash
-            with creation_lock(tracking_uri, "mlflow"):
-                self.client = _client(tracking_uri)
-                _retry(self.client.search_experiments, max_results=1)
-        else:
+            try:
+                with creation_lock(tracking_uri, "mlflow"):
+                    self.client = _client(tracking_uri)
+                    _retry(self.client.search_experiments, max_results=1)
+            except UserError:
+                raise
+            except Exception as e:
+                first = redact(str(e).strip().splitlines()[0] if str(e).strip() else "")
+                raise TrackingError(f"tracking store {redact(tracking_uri)} cannot be opened: "
+                                    f"{type(e).__name__}: {first[:300]}") from None
+        else:  # a server: probed by the launcher before any trial (probe_server); clients retry
             self.client = _client(tracking_uri)
 
     # ---- set-up, done once by the launcher ----
@@ -159,7 +191,16 @@ class Tracker:
 
     # ---- reading ----
     def get_run(self, run_id: str):
-        return _retry(self.client.get_run, run_id)
+        """The run, or a TrackingError naming the id when this store has none by that id."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return _retry(self.client.get_run, run_id)
+        except MlflowException as e:
+            if getattr(e, "error_code", "") in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+                raise TrackingError(f"no run {run_id!r} in {redact(self.uri)} "
+                                    f"(`optuna-run runs SPACE` lists the run ids)") from None
+            raise
 
     def get_experiment(self, name: str):
         """The experiment of that name, or None."""

@@ -57,3 +57,54 @@ def test_missing_file_and_folder(tmp_path):
         Layout(tmp_path / "nope")
     with pytest.raises(LayoutError, match=r"train\.csv: file not found"):
         Layout(tmp_path).validate()
+
+
+def test_a_study_twice_in_train_csv_names_both_rows(phantom_copy):
+    path = phantom_copy / "train.csv"
+    df = pd.read_csv(path)
+    pd.concat([df, df.iloc[[3]]]).to_csv(path, index=False)
+    with pytest.raises(LayoutError, match=rf"train\.csv: study {df.study_id[3]} has more than one row "
+                                          rf"\(rows 5, {len(df) + 2}\)"):
+        read_labels(path)
+
+
+@pytest.mark.parametrize("name", ["train.csv", "train_label_coordinates.csv", "train_series_descriptions.csv"])
+def test_a_header_only_table_is_refused(phantom_copy, name):
+    path = phantom_copy / name
+    pd.read_csv(path).iloc[:0].to_csv(path, index=False)
+    with pytest.raises(LayoutError, match=rf"{name.replace('.', '[.]')}: no rows below the header"):
+        Layout(phantom_copy).validate()
+
+
+def test_coordinate_values_name_the_row_that_is_wrong(phantom_copy):
+    path = phantom_copy / "train_label_coordinates.csv"
+    df = pd.read_csv(path)
+    df["x"] = df["x"].astype(object)
+    df.loc[5, "x"] = "left"
+    df.to_csv(path, index=False)
+    with pytest.raises(LayoutError, match=r"column 'x' must hold numbers; row 7 has 'left'"):
+        read_coordinates(path)
+    df = pd.read_csv(phantom_copy / "train_label_coordinates.csv")
+    df["x"] = pd.to_numeric(df["x"].replace("left", 1.0))
+    df["instance_number"] = df["instance_number"].astype(float)
+    df.loc[48, "instance_number"] = 22.5
+    df.to_csv(path, index=False)
+    with pytest.raises(LayoutError, match=r"'instance_number' must hold integers; row 50 has 22.5"):
+        read_coordinates(path)
+    df.loc[48, "instance_number"] = 22.0  # a whole number written as a float is that number
+    df.to_csv(path, index=False)
+    assert read_coordinates(path)["instance_number"].dtype == "int64"
+
+
+def test_a_point_given_twice_keeps_the_first_with_a_warning_naming_both_rows(phantom_copy):
+    from trainer.data.layout import LayoutWarning
+
+    path = phantom_copy / "train_label_coordinates.csv"
+    df = pd.read_csv(path)
+    twin = df.iloc[[0, 1]].copy()
+    twin.loc[twin.index[0], "x"] += 30  # disagrees with row 2
+    pd.concat([df, twin]).to_csv(path, index=False)  # the copy of row 3 is an exact repeat
+    with pytest.warns(LayoutWarning, match=rf"1 point\(s\) given twice with different values, the first row kept: "
+                                           rf"row {len(df) + 2} .* disagrees with row 2"):
+        out = read_coordinates(path)
+    assert len(out) == len(df) and out["x"].iloc[0] == df["x"].iloc[0]

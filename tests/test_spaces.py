@@ -75,11 +75,27 @@ def write(tmp_path, text) -> str:
     ("params: {augment.ops.Blur.p: {type: float, low: 0, high: 1}}", "op 'Blur' is not in the fixed augment.ops"),
     ("optim: [1,", "invalid YAML"),
     ("paramz: {}", r"unknown key\(s\) \['paramz'\]"),
+    ("", "the file is empty"),
+    ("fixed: {optim.lr: 0.001}\nparams: {optim.lr: {type: float, low: 0.1, high: 1}}",
+     "params.optim.lr: is also in `fixed`"),
+    ("params: {model.head: {type: categorical, choices: [linear, lstm]},\n"
+     "         model.rnn_hidden: {type: int, low: 16, high: 64, when: {model.head: [gru]}}}",
+     r"model.head value\(s\) \['gru'\] are not among its choices \['linear', 'lstm'\]"),
+    ("fixed: {model.head: linear}\nparams: {model.rnn_hidden: {type: int, low: 16, high: 64, when: {model.head: [lstm]}}}",
+     "model.head is fixed to 'linear', so this parameter would never be sampled"),
+    ("params: {model.rnn_hidden: {type: int, low: 16, high: 64, step: 0.5}}", "step must be an integer for an int parameter"),
 ])
 def test_bad_spaces_fail_naming_file_and_key(tmp_path, text, message):
     with pytest.raises(SpaceError, match=message) as e:
         load_space(write(tmp_path, text))
     assert "s.yaml" in str(e.value)
+
+
+def test_a_binary_space_file_is_one_line(tmp_path):
+    p = tmp_path / "s.yaml"
+    p.write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe" + bytes(range(256)))
+    with pytest.raises(SpaceError, match=r"s\.yaml: cannot be read as a UTF-8 YAML file"):
+        load_space(str(p))
 
 
 def test_unknown_space_lists_the_available_ones():

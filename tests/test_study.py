@@ -126,12 +126,39 @@ def test_runs_table_and_reproduce(phantom_dir, workdir, capsys):
     (["demo", "--storage", "postgresql://u:secret@127.0.0.1:1/none"], "storage postgresql://u:***@127.0.0.1:1/none cannot be opened"),
     (["demo", "--set", "optim.lrr=1"], "optim.lrr: unknown config key"),
     (["demo", "--study-name", "../../etc/x"], "study name '../../etc/x': use letters, digits"),
+    (["demo", "--n-trials", "0"], "--n-trials must be positive (got 0)"),
+    (["demo", "--n-trials", "-1"], "--n-trials must be positive (got -1)"),
+    (["demo", "--timeout", "-5"], "--timeout must be positive (got -5)"),
+    (["demo", "--storage", "sqlite:////nonexistent/dir/x.db"], "folder /nonexistent/dir does not exist"),
+    (["demo", "--tracking-uri", "http://u:secret@127.0.0.1:9"], "tracking server http://u:***@127.0.0.1:9 does not answer"),
+    (["demo", "--tracking-uri", "postgresql://u:secret@127.0.0.1:1/none"],
+     "tracking store postgresql+psycopg://u:***@127.0.0.1:1/none cannot be opened: OperationalError"),
 ])
 def test_bad_input_fails_before_any_trial(argv, message, workdir, capsys, phantom_dir):
     assert main(argv + ["--data", str(phantom_dir)]) == 2
     err = capsys.readouterr().err
     assert message in err and "secret" not in err
     assert not (workdir / "mlruns").exists()
+
+
+def test_a_missing_label_column_stops_the_study_before_any_trial(phantom_copy, workdir, capsys):
+    import pandas as pd
+
+    path = phantom_copy / "train.csv"
+    pd.read_csv(path).drop(columns=["spinal_canal_stenosis_l1_l2"]).to_csv(path, index=False)
+    assert main(["demo", "--smoke", "--data", str(phantom_copy)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("optuna-run: error: ") and "train.csv: missing column(s) ['spinal_canal_stenosis_l1_l2']" in err[-1]
+    assert not (workdir / "studies.db").exists() and not (workdir / "mlruns").exists()
+
+
+def test_reproduce_of_an_unknown_run_is_one_line(workdir, capsys):
+    from sweep.tracking import Tracker
+
+    Tracker()  # an existing, empty store
+    assert main(["reproduce", "0123456789abcdef0123456789abcdef"]) == 2
+    err = capsys.readouterr().err
+    assert "no run '0123456789abcdef0123456789abcdef' in sqlite:///" in err and "Traceback" not in err
 
 
 def test_a_heartbeat_that_meets_a_dead_storage_is_not_a_thread_traceback(monkeypatch):

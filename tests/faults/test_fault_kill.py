@@ -76,7 +76,37 @@ def test_sigkill_of_a_worker_mid_trial(engine, phantom_dir, workdir, request):
     assert not [r for r in runs if r.info.status == "RUNNING"]
     dead = [r for r in runs if r.info.run_id == failed[0].user_attrs["mlflow_run_id"]][0]
     assert dead.info.status == "FAILED" and "heartbeat" in dead.data.tags["error"]
-    assert "exited abnormally" in out
+    assert "was killed by SIGKILL; the others finished the study" in out
+
+
+@pytest.mark.slow
+def test_every_worker_killed_says_why_and_leaves_nothing_running(phantom_dir, workdir):
+    """No heartbeat is left to notice: the launcher fails the dead workers' trials (not counted
+    towards N) and closes their runs, says which signal killed them, and --resume finishes."""
+    proc = start(["demo", "--smoke", "--n-trials", "3", "--workers", "2", "--data", str(phantom_dir),
+                  "--set", "optim.epochs=8", "--set", "data.max_studies=40"], workdir)
+    kids = wait_for_running(proc, "sqlite:///studies.db", "demo-smoke", 2)
+    for k in kids:
+        k.send_signal(signal.SIGKILL)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 2, out
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("optuna-run: error: every worker stopped with an error: cpu") and last.count("was killed by SIGKILL") == 2
+    assert "Traceback" not in out
+    s = optuna.load_study(study_name="demo-smoke", storage="sqlite:///studies.db")
+    died = [t for t in s.trials if t.user_attrs.get("worker_died")]
+    assert len(died) == 2 and all(t.state == optuna.trial.TrialState.FAIL for t in died)
+    assert all("died during the trial" in t.user_attrs["error"] for t in died)
+    assert not [t for t in s.trials if t.state == optuna.trial.TrialState.RUNNING]
+    runs = child_runs("demo-smoke")
+    assert not [r for r in runs if r.info.status == "RUNNING"]
+    assert {r.info.run_id for r in runs if r.info.status == "FAILED"} >= {t.user_attrs["mlflow_run_id"] for t in died}
+    # the dead trials do not count: --resume runs three more
+    proc = start(["demo", "--smoke", "--n-trials", "3", "--resume", "--data", str(phantom_dir)], workdir)
+    out, _ = proc.communicate(timeout=400)
+    assert proc.returncode == 0, out
+    s = optuna.load_study(study_name="demo-smoke", storage="sqlite:///studies.db")
+    assert len([t for t in s.trials if t.state in DONE]) == 3
 
 
 @pytest.mark.slow

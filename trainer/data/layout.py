@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
+import warnings
 from pathlib import Path
 
 import pandas as pd
@@ -55,6 +56,10 @@ class LayoutError(UserError):
     """The data folder does not have the RSNA layout; the message names the file and field."""
 
 
+class LayoutWarning(UserWarning):
+    """Data that is used, with a stated rule, but looks wrong; the message names file and rows."""
+
+
 def row_id(study_id: int, condition: str, level: str) -> str:
     """Kaggle submission row id, e.g. ``44036939_left_neural_foraminal_narrowing_l1_l2``."""
     return f"{study_id}_{condition}_{level}"
@@ -100,21 +105,50 @@ def _check_values(path: Path, df: pd.DataFrame, column: str, allowed, allow_empt
         )
 
 
+def _show(value) -> str:
+    return repr(value) if isinstance(value, str) else ("empty" if pd.isna(value) else str(value))
+
+
 def _check_int(path: Path, df: pd.DataFrame, column: str) -> None:
+    """Whole numbers only (``22.0`` is 22); the error names the first offending row and value."""
     if df.empty:  # a header-only table (no test studies, say) has no type to check
         return
-    if not pd.api.types.is_integer_dtype(df[column]):
-        bad = pd.to_numeric(df[column], errors="coerce")
-        row = int(bad.isna().to_numpy().argmax())
+    if pd.api.types.is_integer_dtype(df[column]):
+        return
+    values = pd.to_numeric(df[column], errors="coerce")
+    bad = values.isna() | (values != values.round())
+    if bad.any():
+        row = int(bad.to_numpy().argmax())
         raise LayoutError(
-            f"{path}: column {column!r} must hold integers; row {row + 2} has {df[column].iloc[row]!r}"
+            f"{path}: column {column!r} must hold integers; row {row + 2} has {_show(df[column].iloc[row])}"
         )
+    df[column] = values.astype("int64")
+
+
+def _check_float(path: Path, df: pd.DataFrame, column: str) -> None:
+    values = pd.to_numeric(df[column], errors="coerce")
+    bad = values.isna() | values.abs().eq(float("inf"))
+    if bad.any():
+        row = int(bad.to_numpy().argmax())
+        raise LayoutError(f"{path}: column {column!r} must hold numbers; row {row + 2} has {_show(df[column].iloc[row])}")
+    df[column] = values.astype("float64")
+
+
+def _check_not_empty(path: Path, df: pd.DataFrame) -> None:
+    if df.empty:
+        raise LayoutError(f"{path}: no rows below the header")
 
 
 def read_labels(path: Path) -> pd.DataFrame:
     """train.csv as a tidy frame: study_id, condition, level, severity (0/1/2, -1 when empty)."""
     df = _read_csv(path, ("study_id",) + LABEL_COLUMNS)
+    _check_not_empty(path, df)
     _check_int(path, df, "study_id")
+    dup = df["study_id"].duplicated(keep=False)
+    if dup.any():
+        rows = [int(i) + 2 for i in df.index[dup & (df["study_id"] == df.loc[dup, "study_id"].iloc[0])]]
+        raise LayoutError(f"{path}: study {int(df.loc[dup, 'study_id'].iloc[0])} has more than one row "
+                          f"(rows {', '.join(map(str, rows))}); one row per study")
     for col in LABEL_COLUMNS:
         _check_values(path, df, col, SEVERITIES, allow_empty=True)
     long = df.melt(id_vars="study_id", var_name="label", value_name="grade")
@@ -132,17 +166,45 @@ def read_coordinates(path: Path) -> pd.DataFrame:
     """train_label_coordinates.csv with conditions and levels in submission spelling."""
     cols = ("study_id", "series_id", "instance_number", "condition", "level", "x", "y")
     df = _read_csv(path, cols)
+    _check_not_empty(path, df)
     for c in ("study_id", "series_id", "instance_number"):
         _check_int(path, df, c)
+    for c in ("x", "y"):
+        _check_float(path, df, c)
     _check_values(path, df, "condition", CONDITION_FROM_NAME, allow_empty=False)
     _check_values(path, df, "level", LEVEL_FROM_NAME, allow_empty=False)
     df["condition"] = df["condition"].map(CONDITION_FROM_NAME)
     df["level"] = df["level"].map(LEVEL_FROM_NAME)
-    return df
+    return _first_point_only(path, df)
 
 
-def read_series_descriptions(path: Path) -> pd.DataFrame:
+def _first_point_only(path: Path, df: pd.DataFrame) -> pd.DataFrame:
+    """One point per (study, series, condition, level): a repeated row is dropped, and a second
+    row that disagrees (another slice or position) loses to the first, with a warning naming
+    both rows. Points of one level on two series (two Axial T2, say) are not repeats."""
+    key = ["study_id", "series_id", "condition", "level"]
+    dup = df.duplicated(key, keep="first")
+    if not dup.any():
+        return df
+    first = df.drop_duplicates(key, keep="first").reset_index().set_index(key)["index"]
+    point = ["instance_number", "x", "y"]
+    conflicts = []
+    for i, row in df[dup].iterrows():
+        j = int(first.loc[tuple(row[key])])
+        if any(row[c] != df.at[j, c] for c in point):
+            conflicts.append(f"row {i + 2} (instance {row['instance_number']}, x {row['x']}, y {row['y']}) "
+                             f"disagrees with row {j + 2}")
+    if conflicts:
+        more = f" and {len(conflicts) - 3} more" if len(conflicts) > 3 else ""
+        warnings.warn(f"{path}: {len(conflicts)} point(s) given twice with different values, the first row "
+                      f"kept: {'; '.join(conflicts[:3])}{more}", LayoutWarning, stacklevel=3)
+    return df[~dup].reset_index(drop=True)
+
+
+def read_series_descriptions(path: Path, allow_empty: bool = False) -> pd.DataFrame:
     df = _read_csv(path, ("study_id", "series_id", "series_description"))
+    if not allow_empty:
+        _check_not_empty(path, df)
     _check_int(path, df, "study_id")
     _check_int(path, df, "series_id")
     _check_values(path, df, "series_description", SERIES_DESCRIPTIONS, allow_empty=False)
@@ -174,7 +236,7 @@ class Layout:
 
     @cached_property
     def test_series(self) -> pd.DataFrame:
-        return read_series_descriptions(self.root / "test_series_descriptions.csv")
+        return read_series_descriptions(self.root / "test_series_descriptions.csv", allow_empty=True)
 
     @cached_property
     def study_ids(self) -> list[int]:
