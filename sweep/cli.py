@@ -650,6 +650,23 @@ def define_server(p: argparse.ArgumentParser) -> Callable:
 # ------------------------------------------------------------------ parsers and main
 
 
+class _Version(argparse.Action):
+    def __init__(self, option_strings, dest, **kw):
+        super().__init__(option_strings, dest, nargs=0, **kw)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        import platform
+
+        from .tracking import git_commit, package_versions
+
+        versions = package_versions()
+        lines = [f"spinesweep {versions.pop('spinesweep', '?')} (git {git_commit() or 'unknown'}), "
+                 f"python {platform.python_version()}"]
+        lines += [f"  {k} {v}" for k, v in versions.items()]
+        print("\n".join(lines))
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="optuna-run", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -657,6 +674,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "  optuna-run SPACE [--n-trials N] [options]   an Optuna study of a search space "
                     "(optuna-run demo --help)\n  optuna-run COMMAND [options]                the commands below",
         epilog="A study: optuna-run demo --n-trials 12; then optuna-run ui, optuna-run runs demo, optuna-run promote demo.")
+    p.add_argument("--version", action=_Version, help="print spinesweep's and its key libraries' versions, and exit")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", title="commands")
     for name, (help_, parents, define) in COMMANDS.items():
         cp = sub.add_parser(name, help=help_, description=help_, parents=[PARENTS[x] for x in parents])

@@ -288,7 +288,8 @@ def package_versions() -> dict[str, str]:
     import importlib.metadata as md
 
     out = {}
-    for name in ("torch", "timm", "optuna", "mlflow", "albumentations", "spinesweep"):
+    for name in ("spinesweep", "torch", "torchvision", "timm", "optuna", "mlflow", "albumentations", "dicomsdl",
+                 "pydicom", "pandas", "scikit-learn"):
         try:
             out[name] = md.version(name)
         except md.PackageNotFoundError:
