@@ -19,6 +19,7 @@ import optuna
 import pandas as pd
 
 from .evaluate import FoldHooks, evaluate_folds
+from .progress import TrialProgress
 from .space import SearchSpace, Settings
 from .tracking import MlflowCurves, Tracker
 
@@ -67,9 +68,9 @@ class TrialFolds(FoldHooks):
     fold-wise pruner, every fold), fold artifacts into the run's folder."""
 
     def __init__(self, trial: optuna.Trial, space: SearchSpace, tracker: Tracker, run_id: str, epochs: int,
-                 artifacts: Path):
+                 artifacts: Path, progress: TrialProgress | None = None):
         self.trial, self.space, self.tracker, self.run_id = trial, space, tracker, run_id
-        self.epochs, self.artifacts = epochs, artifacts
+        self.epochs, self.artifacts, self.progress = epochs, artifacts, progress
         self.n = len(space.folds)
         self.pruned_at: int | None = None
         self.reporter: Reporter | None = None
@@ -77,6 +78,8 @@ class TrialFolds(FoldHooks):
     def callbacks(self, i: int, fold: int) -> list:
         offset = i * self.epochs
         out = [MlflowCurves(self.tracker, self.run_id, offset, fold, self.n)]
+        if self.progress is not None:
+            out.append(self.progress.at(offset))
         self.reporter = None
         if not self.space.fold_wise:
             self.reporter = Reporter(self.trial, offset, self.n * self.epochs, self.space.direction)
@@ -126,12 +129,15 @@ def run_trial(trial: optuna.Trial, space: SearchSpace, ctx: TrialContext, tracke
     trial.set_user_attr("worker", worker.get("name", "0"))
     tracker.start_system_metrics(run_id)  # stopped by tracker.end_run, whatever the trial's end
     t0 = time.perf_counter()
+    progress = None
     artifacts = Path(tempfile.mkdtemp(prefix=f"spinesweep-t{trial.number}-artifacts-"))
     try:
         cfg = space.config(ctx.settings, space.suggest(trial, base, never=ctx.settings.never_sampled(space)))
         tracker.log_batch(run_id, params=cfg.to_flat(), tags={f"optuna.{k}": v for k, v in trial.params.items()})
         (artifacts / "config.yaml").write_text(cfg.to_yaml())
-        hooks = TrialFolds(trial, space, tracker, run_id, cfg.optim.epochs, artifacts)
+        progress = TrialProgress(worker.get("name", "0"), trial.number, len(space.folds) * cfg.optim.epochs,
+                                 position=int(worker.get("index", 0)), direction=space.direction)
+        hooks = TrialFolds(trial, space, tracker, run_id, cfg.optim.epochs, artifacts, progress)
         folds = evaluate_folds(cfg, space.folds, hooks, prefix=f"spinesweep-t{trial.number}-")
         if folds.stopped:
             return _pruned(trial, tracker, run_id, hooks.pruned_at, artifacts)
@@ -165,6 +171,8 @@ def run_trial(trial: optuna.Trial, space: SearchSpace, ctx: TrialContext, tracke
             pass  # the tracking store itself failed: Optuna still records the reason
         return optuna.trial.TrialState.FAIL, None, reason
     finally:
+        if progress is not None:
+            progress.close()
         shutil.rmtree(artifacts, ignore_errors=True)
 
 

@@ -31,6 +31,7 @@ from optuna.trial import TrialState
 from trainer.errors import UserError
 
 from .objective import TrialContext, run_trial
+from .progress import enabled as progress_enabled, share_lock
 from .space import SearchSpace, Settings, load_space
 from .tracking import Tracker, redact
 from .trials import is_legacy
@@ -151,7 +152,7 @@ def worker_loop(ctx: TrialContext, n_trials: int, deadline: float | None, spec: 
     tracker = Tracker(ctx.tracking_uri)
     if spec.device != "auto":  # the worker's device (--set device=... still wins)
         ctx = dataclasses.replace(ctx, settings=dataclasses.replace(ctx.settings, device=spec.device))
-    worker = {"name": spec.name, "gpu": spec.gpu}
+    worker = {"name": spec.name, "gpu": spec.gpu, "index": spec.index}
     try:
         return _loop(study, storage, quota, tracker, space, ctx, worker, n_trials, deadline, spec, started)
     except STORAGE_ERRORS as e:  # between trials (ask, count, tell)
@@ -271,8 +272,15 @@ def _progress(study, number, state, value, message, worker, started) -> None:
     except ValueError:
         best_s = "best -"
     score = f"score {value:.4f}" if value is not None else message[:80]
-    print(f"trial {number:>3} {state.name:<8} {score:<28} {best_s:<22} {_fmt_elapsed(time.time() - started)}"
-          f"  [{worker}]", flush=True)
+    line = (f"trial {number:>3} {state.name:<8} {score:<28} {best_s:<22} {_fmt_elapsed(time.time() - started)}"
+            f"  [{worker}]")
+    if progress_enabled():  # above the live bars, not through them
+        from tqdm import tqdm
+
+        tqdm.write(line, file=sys.stdout)
+        sys.stdout.flush()
+    else:
+        print(line, flush=True)
 
 
 def _worker_entry(*args) -> None:
@@ -416,6 +424,7 @@ def _run_processes(ctx, n_trials, deadline, workers, started, heartbeat) -> None
     # fork: workers start at once (no re-import). A process that already initialised CUDA (a
     # notebook or test that trained on the GPU before launching) cannot fork a CUDA user: spawn.
     method = "spawn" if torch.cuda.is_initialized() else "fork"
+    share_lock()  # the workers' progress bars draw under one lock
     procs = [mp.get_context(method).Process(target=_worker_entry, name=w.name,
                                             args=(ctx, n_trials, deadline, w, started, heartbeat))
              for w in workers]

@@ -1,0 +1,71 @@
+"""Live progress of the trials running now: one bar per worker on a terminal (trial, fold and
+epoch, the last and best validation score, elapsed and ETA), nothing per epoch when the output is
+not a terminal (CI logs keep the one line per finished trial that the launcher prints).
+
+    [cpu0] trial 7:  40%|████      | 4/10 [00:21<00:31, val 0.5123, best 0.4987]
+
+Each worker process draws its own bar at its own line (tqdm's `position`); the bars share tqdm's
+lock, created by the launcher before the workers fork. SPINESWEEP_PROGRESS=1 or 0 forces the
+display on or off.
+"""
+from __future__ import annotations
+
+import math
+import os
+import sys
+
+
+def enabled(stream=None) -> bool:
+    forced = os.environ.get("SPINESWEEP_PROGRESS")
+    if forced in ("0", "1"):
+        return forced == "1"
+    stream = stream or sys.stderr
+    return bool(getattr(stream, "isatty", lambda: False)())
+
+
+def share_lock() -> None:
+    """Called by the launcher before it starts worker processes: they inherit one lock for their
+    bars, so two workers never redraw the terminal at once."""
+    if enabled():
+        from tqdm import tqdm
+
+        tqdm.get_lock()
+
+
+class TrialProgress:
+    """A trial's bar over all its epochs (folds x epochs). `at(offset)` is the `fit` callback of a
+    fold whose epochs start after `offset`; `close()` removes the bar (the finished trial's line
+    replaces it)."""
+
+    def __init__(self, worker: str, number: int, total_epochs: int, position: int = 0, direction: str = "minimize"):
+        self.best = math.inf if direction == "minimize" else -math.inf
+        self.better = min if direction == "minimize" else max
+        self.bar = None
+        if enabled():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_epochs, desc=f"[{worker}] trial {number}", position=position, leave=False,
+                            unit="epoch", dynamic_ncols=True, file=sys.stderr,
+                            bar_format="{desc}: {percentage:3.0f}%|{bar:20}| {n_fmt}/{total_fmt} "
+                                       "[{elapsed}<{remaining}{postfix}]")
+
+    def at(self, offset: int):
+        def callback(epoch: int, metrics: dict) -> None:
+            if self.bar is None:
+                return None
+            score = metrics.get("score")
+            if score is not None and math.isfinite(score):
+                self.best = self.better(self.best, score)
+            self.bar.n = offset + epoch
+            self.bar.set_postfix_str(f"val {score:.4f}, best {self.best:.4f}" if score is not None else "",
+                                     refresh=False)
+            self.bar.refresh()
+            return None
+
+        callback.__name__ = "progress"
+        return callback
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
