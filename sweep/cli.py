@@ -302,8 +302,9 @@ def define_data_check(p: argparse.ArgumentParser) -> Callable:
         for k in ("studies", "series", "points", "samples", "crops_expected", "crops_built", "unlabelled_blocks"):
             print(f"  {k:<18} {summary[k]}")
         print(f"  {'failures':<18} {sum(summary['failures'].values())} {summary['failures'] or ''}")
-        for reason, example in summary["failure_examples"].items():
-            print(f"    {reason}: e.g. {example}")
+        for reason, examples in summary["failure_examples"].items():
+            more = summary["failures"][reason] - len(examples)
+            print(f"    {reason}: e.g. " + "; ".join(examples) + (f" (and {more} more)" if more > 0 else ""))
         if summary["fallbacks"]:
             print(f"  {'fallbacks':<18} {summary['fallbacks']}")
         print(f"  decoded {summary['series_decoded']} series ({summary['decode_jobs']} processes, "

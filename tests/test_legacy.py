@@ -343,3 +343,12 @@ def test_warm_start_puts_legacy_trials_before_the_first_sampled_one(workdir, pha
     sampled = [t.number for t in trials if t.user_attrs.get("source") != "legacy"]
     assert len(legacy) == len(q.added) and len(sampled) == 2 and max(legacy) < min(sampled)
     assert f"{len(q.added)} legacy" in capsys.readouterr().out
+
+
+def test_a_log_that_is_not_utf8_is_one_line(tmp_path, capsys):
+    from sweep.cli import main
+
+    bad = tmp_path / "log.txt"
+    bad.write_bytes(b"exp001 \xff\xfe resnet\n")
+    assert main(["import-log", str(bad)]) == 2
+    assert "log.txt: cannot read the log ('utf-8' codec can't decode" in capsys.readouterr().err

@@ -101,7 +101,7 @@ def test_data_check_counts_broken_input_and_still_exits_zero(phantom_copy):
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["failures"].get("slice_unreadable") == 1
-    assert victim.name in out["failure_examples"]["slice_unreadable"]
+    assert victim.name in out["failure_examples"]["slice_unreadable"][0]
 
 
 def test_data_check_exits_nonzero_only_when_the_layout_is_unreadable(tmp_path):

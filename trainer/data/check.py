@@ -15,6 +15,7 @@ from .samples import SampleSource
 from .volumes import VolumeStore, cache_budget
 
 FALLBACKS = {"axial_from_sagittal"}
+EXAMPLES = 3
 
 
 def check_data(data_dir: str | Path, spec: CropSpec, cache_dir: str = "", progress: bool = False,
@@ -35,7 +36,7 @@ def check_data(data_dir: str | Path, spec: CropSpec, cache_dir: str = "", progre
 
     labels = layout.labels.set_index(["study_id", "condition", "level"])["severity"]
     failures, fallbacks, unlabelled = Counter(), Counter(), 0
-    examples: dict[str, str] = {}
+    examples: dict[str, list[str]] = {}  # up to EXAMPLES per reason, so a pattern shows
     for f in report.flags:
         if f["reason"] in FALLBACKS:
             fallbacks[f["reason"]] += 1
@@ -44,7 +45,9 @@ def check_data(data_dir: str | Path, spec: CropSpec, cache_dir: str = "", progre
             unlabelled += 1  # an empty label has no point by design: not a failure
             continue
         failures[f["reason"]] += 1
-        examples.setdefault(f["reason"], f"study {f['study_id']}: {f['detail']}")
+        shown = examples.setdefault(f["reason"], [])
+        if len(shown) < EXAMPLES:
+            shown.append(f"study {f['study_id']}: {f['detail']}")
     n_blocks = len(spec.blocks())
     samples = len(layout.study_ids) * 5
     return dict(
