@@ -42,6 +42,15 @@ def render(url: str, budget_ms: int = 10000, timeout: float = 120) -> dict:
     return {"figures": figures, "empty": empty, "errors": errors, "dom_chars": len(dom)}
 
 
+def dom(url: str, budget_ms: int = 15000, timeout: float = 180, width: int = 1900, height: int = 1000) -> str:
+    """The page's DOM after its scripts ran for `budget_ms` of virtual time (what a user would see)."""
+    exe = chromium()
+    if exe is None:
+        raise FileNotFoundError("chromium not found: run scripts/test-deps (apt-get install chromium)")
+    return subprocess.run([exe, *FLAGS, f"--window-size={width},{height}", f"--virtual-time-budget={budget_ms}",
+                           "--dump-dom", url], capture_output=True, text=True, timeout=timeout).stdout
+
+
 def screenshot(url: str, out: str | Path, width: int = 1280, height: int = 2400, budget_ms: int = 15000) -> Path:
     exe = chromium()
     if exe is None:

@@ -120,3 +120,22 @@ def against_legacy(data: dict[str, Any], study_name: str):
                          jitter=0.4, text=[f"trial {d['number']}" for d in data["study"]], marker_color="#1f77b4"))
     return _layout(fig, "The study against the imported manual log (scores on their own data: the log's are "
                         "real-data CVs)", "", "score (lower is better)")
+
+
+def condition_losses(data: list[dict[str, Any]]):
+    """Per condition group, the validation loss by epoch of each of the best trials."""
+    if not data:
+        return None
+    go = _go()
+    from plotly.subplots import make_subplots
+
+    groups = sorted({g for d in data for g in d["losses"]})
+    fig = make_subplots(rows=1, cols=len(groups), subplot_titles=[f"{g} loss" for g in groups],
+                        horizontal_spacing=0.05)
+    for d in data:
+        for i, g in enumerate(groups):
+            if g in d["losses"]:
+                fig.add_trace(go.Scatter(x=d["epoch"], y=d["losses"][g], mode="lines+markers", legendgroup=str(d["trial"]),
+                                         name=f"trial {d['trial']} ({d['value']:.4f})", showlegend=i == 0), 1, i + 1)
+    fig.update_xaxes(title_text="epoch")
+    return _layout(fig, "Validation loss per condition group, the best trials")

@@ -102,3 +102,48 @@ def against_legacy(study: optuna.Study, tracker: Tracker, experiment: str = "leg
     study_values = [{"number": t.number, "value": t.value} for t in own_trials(study, (TrialState.COMPLETE,))
                     if t.value is not None]
     return {"legacy": legacy, "study": study_values}
+
+
+# ------------------------------------------------------------------ every trial, and the best ones' curves
+
+
+def trial_rows(study: optuna.Study, tracker: Tracker | None = None) -> list[dict[str, Any]]:
+    """One row per trial of the study (imported ones left out): number, state, the value Optuna
+    holds (a pruned trial's too), its MLflow run, and what promotion found (the trial's score over
+    every fold, from `promoted_oof_score` on its run)."""
+    runs: dict[str, Any] = {}
+    if tracker is not None:
+        exp = tracker.get_experiment(study.study_name)
+        if exp is not None:
+            runs = {r.info.run_id: r for r in tracker.search_runs([exp.experiment_id], "tags.trial != ''",
+                                                                 max_results=5000)}
+    rows = []
+    for t in sorted(own_trials(study), key=lambda t: t.number):
+        run_id = t.user_attrs.get("mlflow_run_id")
+        run = runs.get(run_id)
+        promoted = run.data.metrics.get("promoted_oof_score") if run is not None else None
+        rows.append({"trial": t.number, "state": t.state.name, "value": t.value, "run_id": run_id,
+                     "experiment_id": run.info.experiment_id if run is not None else None,
+                     "promoted_score": promoted, "error": t.user_attrs.get("error", "")})
+    return rows
+
+
+def condition_losses(study: optuna.Study, tracker: Tracker, k: int = 3) -> list[dict[str, Any]]:
+    """The k best completed trials' per-condition-group validation losses by epoch (their first
+    fold's ``history*.csv``): where a trial wins or loses, group by group."""
+    done = [t for t in own_trials(study, (TrialState.COMPLETE,)) if t.value is not None]
+    best = sorted(done, key=lambda t: t.value, reverse=study.direction == optuna.study.StudyDirection.MAXIMIZE)[:k]
+    out = []
+    for t in best:
+        run_id = t.user_attrs.get("mlflow_run_id")
+        if not run_id:
+            continue
+        names = sorted(n for n in tracker.list_artifacts(run_id) if n.startswith("history"))
+        path = download(tracker, run_id, names[0]) if names else None
+        if path is None:
+            continue
+        h = pd.read_csv(path)
+        losses = {c[len("loss_"):]: h[c].tolist() for c in h.columns if c.startswith("loss_")}
+        if losses:
+            out.append({"trial": t.number, "value": t.value, "epoch": h["epoch"].tolist(), "losses": losses})
+    return out

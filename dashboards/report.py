@@ -42,7 +42,7 @@ def collect(study: optuna.Study, tracker: Tracker | None = None, legacy_experime
     data: dict[str, Any] = {
         "best_run": info.best_run_id(study),
         "curves": {"folds": []}, "confusion": {}, "calibration": {"predicted": [], "observed": [], "count": []},
-        "legacy": {"legacy": [], "study": []},
+        "legacy": {"legacy": [], "study": []}, "losses": [],
     }
     if tracker is not None:
         run_id = data["best_run"]
@@ -53,6 +53,8 @@ def collect(study: optuna.Study, tracker: Tracker | None = None, legacy_experime
             if oof is not None and sol is not None:
                 data["calibration"] = info.calibration(oof, sol)
         data["legacy"] = info.against_legacy(study, tracker, legacy_experiment)
+        data["losses"] = info.condition_losses(study, tracker)
+    data["trials"] = info.trial_rows(study, tracker)
     return data
 
 
@@ -70,6 +72,8 @@ SECTIONS = [  # name, builder, why it can be empty
     ("curves", lambda d, s: figures.learning_curves(d["curves"], f"Learning curves of the best trial "
                                                                  f"(MLflow run {d['best_run']})"),
      "the best trial's run has no history.csv (or no MLflow store was given)"),
+    ("losses", lambda d, s: figures.condition_losses(d["losses"]),
+     "no completed trial with a history.csv (or no MLflow store was given)"),
     ("confusion", lambda d, s: figures.confusion(d["confusion"]), "the best trial's run has no confusion matrices"),
     ("calibration", lambda d, s: figures.calibration(d["calibration"]),
      "the best trial's run has no oof.csv and solution.csv"),
@@ -78,8 +82,35 @@ SECTIONS = [  # name, builder, why it can be empty
 ]
 
 
+UI_URL = "http://127.0.0.1:5000"  # where `optuna-run ui` serves the MLflow UI by default
+
+
+def trial_table(rows: list[dict[str, Any]], ui_url: str = UI_URL) -> str:
+    """Every trial: state, the value Optuna holds (the same `score` MLflow shows), what promotion
+    found over every fold, and its run id as a link into the MLflow UI."""
+    if not rows:
+        return ""
+    fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
+    body = []
+    for r in rows:
+        run = html.escape(str(r["run_id"] or "-"))
+        if r["run_id"] and r["experiment_id"]:
+            run = (f"<a href='{html.escape(ui_url)}/#/experiments/{html.escape(str(r['experiment_id']))}/runs/"
+                   f"{run}' target='_blank'>{run}</a>")
+        value = "" if r["value"] is None else f" data-score='{r['value']!r}'"
+        body.append(f"<tr data-trial='{r['trial']}' data-state='{r['state']}'{value}><td>{r['trial']}</td>"
+                    f"<td>{r['state'].lower()}</td><td>{fmt(r['value'])}</td><td>{fmt(r['promoted_score'])}</td>"
+                    f"<td>{run}</td><td>{html.escape(r['error'][:80])}</td></tr>")
+    return ("<section data-table='trials'><h3>Trials</h3><p class='meta'>score: the value Optuna holds "
+            "(a pruned trial's best score when it was stopped), the same as MLflow's <code>score</code>; "
+            "promoted: its score over every fold after <code>optuna-run promote</code>; run ids open the "
+            f"MLflow UI at {html.escape(ui_url)} (<code>optuna-run ui</code>)</p><table id='trials'><tr><th>trial</th>"
+            "<th>state</th><th>score</th><th>promoted (all folds)</th><th>MLflow run</th><th>error</th></tr>"
+            + "".join(body) + "</table></section>")
+
+
 def write_report(study: optuna.Study, out: str | Path, tracker: Tracker | None = None,
-                 tracking_uri: str = "") -> dict[str, Any]:
+                 tracking_uri: str = "", ui_url: str = UI_URL) -> dict[str, Any]:
     """Write the HTML report; returns {figures: [...], empty: {name: why}, path}."""
     data = collect(study, tracker)
     trials = study.get_trials(deepcopy=False)
@@ -113,7 +144,7 @@ def write_report(study: optuna.Study, out: str | Path, tracker: Tracker | None =
            f"</title>{_ERRORS_JS}{_CSS}</head><body><h1>Study {html.escape(study.study_name)}</h1>"
            f"<p class='meta'>{html.escape(meta)} &middot; written {time.strftime('%Y-%m-%d %H:%M')}"
            f"{' &middot; MLflow ' + html.escape(tracking_uri) if tracking_uri else ''}</p>"
-           f"<pre id='report-errors'></pre>{best}{''.join(parts)}</body></html>")
+           f"<pre id='report-errors'></pre>{best}{''.join(parts)}{trial_table(data['trials'], ui_url)}</body></html>")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(doc, encoding="utf-8")

@@ -43,12 +43,11 @@ def mlflow_ui(tracking_uri: str, experiment: str, out: Path) -> Path:
                 time.sleep(0.5)
         else:
             raise SystemExit("the MLflow UI did not start within 60 s")
-        from urllib.parse import quote
+        from sweep.tracking import view_url
 
-        search = quote("tags.trial != ''")  # the trials' child runs, listed flat
-        query = f"searchFilter={search}&orderByKey={quote('metrics.`score`')}&orderByAsc=true"
-        return screenshot(f"{base}/#/experiments/{exp.experiment_id}/runs?{query}", out, width=1900, height=1000,
-                          budget_ms=20000)
+        # the study's own view (an experiment tag every study sets): trials flat, best first,
+        # score and sampled parameters as columns
+        return screenshot(view_url(base, exp.experiment_id), out, width=1900, height=1000, budget_ms=20000)
     finally:
         proc.terminate()
         proc.wait(timeout=30)

@@ -11,6 +11,7 @@ in one line with exit code 2; any other exception is a bug and keeps its traceba
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -214,7 +215,7 @@ def _write_dashboard(outcome, study_name: str) -> str | None:
 
 
 def _print_summary(outcome, study_name, args, dashboard: str | None = None) -> None:
-    from .tracking import redact
+    from .tracking import redact, view_url
 
     study = outcome.study
     counts = ", ".join(f"{v} {k.lower()}" + (" (imported from the manual log)" if k == "LEGACY" else "")
@@ -237,6 +238,8 @@ def _print_summary(outcome, study_name, args, dashboard: str | None = None) -> N
     if dashboard:
         print(f"  dashboard written: {dashboard}   (open file://{Path(dashboard).resolve()} in a browser)")
     print(f"  optuna-run ui{uri}            # the MLflow UI on http://127.0.0.1:5000: every trial, curves, artifacts"
+          f"\n      then {view_url('http://127.0.0.1:5000', outcome.experiment_id)}"
+          f"   (this study's trials, best first, score and sampled parameters as columns)"
           f"\n  optuna-run runs {study_name}{uri}      # the trials as a table"
           f"\n  optuna-run dashboard {study_name}      # rewrite the dashboard after more trials")
 
@@ -401,7 +404,8 @@ def define_reproduce(p: argparse.ArgumentParser) -> Callable:
     def run(args) -> int:
         from .query import reproduce
 
-        out = reproduce(args.run_id, tracking_uri=args.tracking_uri, data_dir=args.data)
+        out = reproduce(args.run_id, tracking_uri=args.tracking_uri, data_dir=args.data,
+                        log=lambda line: print(line, file=sys.stderr, flush=True))  # stdout: the result only
         print(json.dumps(out, indent=2) if args.json else
               f"run {args.run_id}: logged score {out['logged_score']:.6f}, reproduced {out['score']:.6f} "
               f"(difference {abs(out['score'] - out['logged_score']):.2e})")
@@ -582,6 +586,41 @@ def _print_import(s, q: dict | None, verbose: bool) -> None:
 # ------------------------------------------------------------------ MLflow servers
 
 
+def serve(cmd: list[str], grace: float = 10.0) -> int:
+    """Run an MLflow server command in its own process group until it ends, or until this process
+    gets SIGTERM, SIGINT or SIGHUP: then the whole group (the server and its workers) is stopped,
+    so `kill` of optuna-run never leaves a server answering on its port."""
+    import signal
+    import subprocess
+
+    child = subprocess.Popen(cmd, start_new_session=True)
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    try:
+        return child.wait()
+    except KeyboardInterrupt:
+        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+            try:
+                os.killpg(child.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                child.wait(timeout=wait)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        with contextlib.suppress(ProcessLookupError):  # a worker of the server that outlived it
+            os.killpg(child.pid, signal.SIGKILL)
+        print("optuna-run: server stopped", file=sys.stderr, flush=True)
+        return 0
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def _bind(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
     p.add_argument("--port", type=int, default=5000, help="port (default: 5000)")
@@ -592,8 +631,6 @@ def define_ui(p: argparse.ArgumentParser) -> Callable:
     _bind(p)
 
     def run(args) -> int:
-        import subprocess
-
         from .stores import sqlite_path
         from .tracking import redact
 
@@ -602,8 +639,8 @@ def define_ui(p: argparse.ArgumentParser) -> Callable:
         if db is not None and not db.exists():
             raise UserError(f"no tracking store at {uri}: run a study first (e.g. optuna-run demo)")
         print(f"MLflow UI on http://{args.host}:{args.port} (store {redact(uri)}); Ctrl-C stops it", flush=True)
-        return subprocess.call([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host,
-                                "--port", str(args.port)])
+        return serve([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host,
+                      "--port", str(args.port)])
 
     return run
 
@@ -618,8 +655,6 @@ def define_server(p: argparse.ArgumentParser) -> Callable:
     p.add_argument("--workers", type=int, default=2, help="server worker processes (default: 2)")
 
     def run(args) -> int:
-        import subprocess
-
         from .stores import normalize_db_url
         from .tracking import Tracker, redact
 
@@ -643,7 +678,7 @@ def define_server(p: argparse.ArgumentParser) -> Callable:
         cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend, "--artifacts-destination",
                artifacts, "--serve-artifacts", "--host", args.host, "--port", str(args.port),
                "--workers", str(args.workers)]
-        return subprocess.call(cmd + (["--allowed-hosts", "*"] if public else []))
+        return serve(cmd + (["--allowed-hosts", "*"] if public else []))
 
     return run
 

@@ -53,8 +53,13 @@ def members(tracking_uri: str, name: str = "default", with_frames: bool = True) 
         oof = sol = None
         if with_frames:
             tmp = Path(tempfile.mkdtemp(prefix="spinesweep-member-"))
-            oof = pd.read_csv(tracker.download(v.run_id, "promoted/oof.csv", tmp))
-            sol = pd.read_csv(tracker.download(v.run_id, "promoted/solution.csv", tmp))
+            if v.source.rstrip("/").endswith("/model"):  # a logged model: its frames are its artifacts
+                from .model import member_frames
+
+                oof, sol = member_frames(v.source, tracking_uri, tmp)
+            else:  # promoted before models were logged: the run's promoted/ folder
+                oof = pd.read_csv(tracker.download(v.run_id, "promoted/oof.csv", tmp))
+                sol = pd.read_csv(tracker.download(v.run_id, "promoted/solution.csv", tmp))
             shutil.rmtree(tmp, ignore_errors=True)
         out.append(Member(v.name, v.version, v.tags.get("trial", "?"), v.run_id, v.source, oof, sol))
     return out

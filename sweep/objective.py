@@ -74,6 +74,8 @@ class TrialFolds(FoldHooks):
         self.n = len(space.folds)
         self.pruned_at: int | None = None
         self.reporter: Reporter | None = None
+        self.steps = 0  # the last global step whose metrics are in the run
+        self.reported: float | None = None  # the last value reported to Optuna: a pruned trial's value
 
     def callbacks(self, i: int, fold: int) -> list:
         offset = i * self.epochs
@@ -88,9 +90,13 @@ class TrialFolds(FoldHooks):
 
     def done(self, i: int, fold: int, result) -> bool:
         _fold_artifacts(self.artifacts, result, fold, self.n)
+        self.steps = i * self.epochs + len(result.history)
+        if self.reporter is not None:
+            self.reported = self.reporter.best
         if self.reporter is not None and self.reporter.pruned_at is not None:
             self.pruned_at = self.reporter.pruned_at
         elif self.space.fold_wise:  # Wilcoxon: one value per fold, compared fold by fold
+            self.reported = result.score
             self.trial.report(result.score, fold)
             if self.trial.should_prune():
                 self.pruned_at = fold
@@ -140,7 +146,7 @@ def run_trial(trial: optuna.Trial, space: SearchSpace, ctx: TrialContext, tracke
         hooks = TrialFolds(trial, space, tracker, run_id, cfg.optim.epochs, artifacts, progress)
         folds = evaluate_folds(cfg, space.folds, hooks, prefix=f"spinesweep-t{trial.number}-")
         if folds.stopped:
-            return _pruned(trial, tracker, run_id, hooks.pruned_at, artifacts)
+            return _pruned(trial, tracker, run_id, hooks, artifacts)
         total = folds.score()
         if not math.isfinite(total.score):
             raise FloatingPointError(f"final score is {total.score}")
@@ -152,7 +158,8 @@ def run_trial(trial: optuna.Trial, space: SearchSpace, ctx: TrialContext, tracke
         folds.oof.to_csv(artifacts / "oof.csv", index=False)
         folds.solution.to_csv(artifacts / "solution.csv", index=False)  # the labels: calibration, ensembles
         tracker.log_artifacts(run_id, artifacts)
-        tracker.log_batch(run_id, metrics=final, step=len(space.folds) * cfg.optim.epochs, tags={
+        # one step after every epoch's: MLflow's latest `score` is the trial's (the runs table, filters)
+        tracker.log_batch(run_id, metrics=final, step=len(space.folds) * cfg.optim.epochs + 1, tags={
             "pretrained_loaded": results[0].pretrained_loaded,
             "environment.device_name": results[0].environment["device_name"],
             "environment.amp": results[0].environment["amp"]})
@@ -176,10 +183,14 @@ def run_trial(trial: optuna.Trial, space: SearchSpace, ctx: TrialContext, tracke
         shutil.rmtree(artifacts, ignore_errors=True)
 
 
-def _pruned(trial, tracker: Tracker, run_id: str, step: int, artifacts: Path):
+def _pruned(trial, tracker: Tracker, run_id: str, hooks: TrialFolds, artifacts: Path):
+    """A pruned trial's run carries the value Optuna keeps for it (its last report: the best score
+    so far) as its `score`, one step after its last epoch, tagged pruned."""
+    step = hooks.pruned_at
     trial.set_user_attr("pruned_at_step", step)
     tracker.log_artifacts(run_id, artifacts)  # what the pruned trial did is kept
-    tracker.set_tags(run_id, {"pruned_at_step": step})
+    tracker.log_batch(run_id, metrics={"score": hooks.reported}, step=hooks.steps + 1,
+                      tags={"pruned_at_step": step, "pruned": "true"})
     tracker.end_run(run_id, "KILLED")
     return optuna.trial.TrialState.PRUNED, None, f"pruned at step {step}"
 

@@ -39,6 +39,17 @@ def predict(data_dir: str, out: str | Path, tracking_uri: str, name: str = "defa
             log(f"predict: {m.label} has weight 0 in the ensemble: skipped")
             continue
         used.append(w)
+        if m.source.rstrip("/").endswith("/model"):  # a pyfunc model, loaded through the registry
+            import mlflow.pyfunc
+
+            uri = f"models:/{m.model}@trial_{m.trial}"
+            log(f"predict: {m.label} ({uri}) on {len(study_ids)} test studies")
+            mlflow.set_tracking_uri(tracking_uri)
+            model = mlflow.pyfunc.load_model(uri)
+            frames.append(model.predict(pd.DataFrame({"data_dir": [str(Path(data_dir).resolve())] * len(study_ids),
+                                                      "study_id": study_ids}), params={"device": device}))
+            continue
+        # a version promoted before models were logged: its checkpoints, as they were stored
         tmp = Path(tempfile.mkdtemp(prefix="spinesweep-predict-"))
         ckpts = [tracker.download(m.run_id, n, tmp) for n in tracker.list_artifacts(m.run_id, "promoted")
                  if n.endswith(".pt")]

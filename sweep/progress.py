@@ -13,6 +13,9 @@ from __future__ import annotations
 import math
 import os
 import sys
+import time
+
+from .evaluate import FoldHooks
 
 
 def enabled(stream=None) -> bool:
@@ -37,14 +40,15 @@ class TrialProgress:
     fold whose epochs start after `offset`; `close()` removes the bar (the finished trial's line
     replaces it)."""
 
-    def __init__(self, worker: str, number: int, total_epochs: int, position: int = 0, direction: str = "minimize"):
+    def __init__(self, worker: str, number: int, total_epochs: int, position: int = 0, direction: str = "minimize",
+                 desc: str | None = None):
         self.best = math.inf if direction == "minimize" else -math.inf
         self.better = min if direction == "minimize" else max
         self.bar = None
         if enabled():
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total_epochs, desc=f"[{worker}] trial {number}", position=position, leave=False,
+            self.bar = tqdm(total=total_epochs, desc=desc or f"[{worker}] trial {number}", position=position, leave=False,
                             unit="epoch", dynamic_ncols=True, file=sys.stderr,
                             bar_format="{desc}: {percentage:3.0f}%|{bar:20}| {n_fmt}/{total_fmt} "
                                        "[{elapsed}<{remaining}{postfix}]")
@@ -69,3 +73,33 @@ class TrialProgress:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+
+class ProgressFolds(FoldHooks):
+    """Fold hooks for the long commands outside a study (`reproduce`, `promote`): a bar over every
+    epoch on a terminal, and one line per finished fold everywhere (score, seconds)."""
+
+    def __init__(self, label: str, epochs: int, n_folds: int, log=print, inner: FoldHooks | None = None):
+        self.label, self.epochs, self.log, self.inner = label, epochs, log, inner or FoldHooks()
+        self.bar = TrialProgress("", 0, epochs * n_folds, desc=label)
+        self.started = time.perf_counter()
+
+    def callbacks(self, i: int, fold: int) -> list:
+        self.started = time.perf_counter()
+        return self.inner.callbacks(i, fold) + [self.bar.at(i * self.epochs)]
+
+    def done(self, i: int, fold: int, result) -> bool:
+        line = f"{self.label}: fold {fold} done, score {result.score:.4f} ({time.perf_counter() - self.started:.0f} s)"
+        if self.bar.bar is not None:
+            from tqdm import tqdm
+
+            tqdm.write(line, file=sys.stderr)
+        else:
+            self.log(line)
+        return self.inner.done(i, fold, result)
+
+    def failed(self, i: int, fold: int, error: BaseException) -> None:
+        self.inner.failed(i, fold, error)
+
+    def close(self) -> None:
+        self.bar.close()

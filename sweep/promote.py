@@ -21,6 +21,8 @@ from trainer.config import TrainConfig
 from trainer.errors import UserError
 
 from .evaluate import FoldHooks, evaluate_folds
+from .model import save as save_model
+from .progress import ProgressFolds
 from .trials import best_trial, own_trials
 from .tracking import MlflowCurves, Tracker
 
@@ -94,7 +96,9 @@ class PromotionFolds(FoldHooks):
         pd.DataFrame(result.history).to_csv(art / "history.csv", index=False)
         (art / "confusion.json").write_text(json.dumps(result.confusion))
         self.tracker.log_artifacts(self.child, art)
-        self.tracker.log_batch(self.child, metrics={"score": result.score, "prior_score": result.prior_score})
+        # after every epoch's step: MLflow's latest `score` (the UI column, search filters) is the fold's score
+        self.tracker.log_batch(self.child, metrics={"score": result.score, "prior_score": result.prior_score},
+                               step=len(result.history) + 1)
         self.tracker.end_run(self.child, "FINISHED")
         shutil.copy(result.checkpoint, self.promoted / f"checkpoint_fold{fold}.pt")
         return False
@@ -103,6 +107,16 @@ class PromotionFolds(FoldHooks):
         if self.child:
             self.tracker.set_tags(self.child, {"error": f"{type(error).__name__}: {error}"[:5000]})
             self.tracker.end_run(self.child, "FAILED")
+
+
+def _input_example(cfg: TrainConfig) -> pd.DataFrame:
+    """One test study of the trial's data folder (a training study when it has none)."""
+    from trainer.data.layout import Layout
+
+    layout = Layout(Path(cfg.data.data_dir))
+    tests = layout.test_series["study_id"].tolist() if (layout.root / "test_series_descriptions.csv").exists() else []
+    study = int(tests[0]) if tests else int(layout.study_ids[0])
+    return pd.DataFrame({"data_dir": [str(layout.root.resolve())], "study_id": [study]})
 
 
 def promote(study_name: str, storage_url: str, tracking_uri: str, trial: int | None = None,
@@ -143,21 +157,32 @@ def promote(study_name: str, storage_url: str, tracking_uri: str, trial: int | N
             if name not in names:
                 raise PromoteError(f"run {run_id} has no {name}")
             shutil.move(tracker.download(run_id, name, work), promoted / f"checkpoint_fold{f}.pt")
-        hooks = PromotionFolds(tracker, run, cfg, t.number, study_name, promoted, work, log)
-        folds = evaluate_folds(cfg, missing, hooks, prefix="spinesweep-promote-")
+        hooks = ProgressFolds(f"promote trial {t.number}", cfg.optim.epochs, len(missing), log=log,
+                              inner=PromotionFolds(tracker, run, cfg, t.number, study_name, promoted, work, log))
+        try:
+            folds = evaluate_folds(cfg, missing, hooks, prefix="spinesweep-promote-")
+        finally:
+            hooks.close()
         folds.extra_oof = [pd.read_csv(tracker.download(run_id, "oof.csv", work))]
         folds.extra_solution = [pd.read_csv(tracker.download(run_id, "solution.csv", work))]
         total = folds.score()
         folds.oof.to_csv(promoted / "oof.csv", index=False)
         folds.solution.to_csv(promoted / "solution.csv", index=False)
         (promoted / "config.yaml").write_text(cfg.to_yaml())
+        # the registered model: a pyfunc holding every fold's checkpoint (promoted/model)
+        checkpoints = work / "checkpoints"
+        checkpoints.mkdir()
+        for ckpt in promoted.glob("checkpoint_fold*.pt"):
+            shutil.move(ckpt, checkpoints / ckpt.name)
+        log(f"promote: trial {t.number}: saving the MLflow model (signature, input example) ...")
+        save_model(promoted / "model", checkpoints, _input_example(cfg), promoted / "oof.csv", promoted / "solution.csv")
         tracker.log_artifacts(run_id, promoted, "promoted")
         if not tracker.registered_model_exists(model):
             tracker.create_registered_model(model, f"Promoted trials of the spinesweep study {study_name} "
                                                    f"(space {space}).")
         all_done = sorted(evaluated + missing)
         mv = tracker.create_model_version(
-            model, source=f"{run.info.artifact_uri}/promoted", run_id=run_id,
+            model, source=f"{run.info.artifact_uri}/promoted/model", run_id=run_id,
             tags={"ensemble": ensemble, "trial": str(t.number), "trial_run_id": run_id, "study": study_name,
                   "space": space, "folds": json.dumps(all_done), "oof_score": f"{total.score:.6f}",
                   "conditions": json.dumps(list(cfg.data.conditions))},

@@ -46,8 +46,10 @@ def runs_table(experiment: str, tracking_uri: str | None = None, top: int | None
         runs += sorted(others, key=lambda r: int(r.data.tags["trial"]))[:None if top is None else top - len(runs)]
     rows = []
     for r in runs:
+        # a pruned trial shows the value Optuna keeps for it (its best score when it was stopped)
+        scored = r.info.status == "FINISHED" or r.data.tags.get("pruned") == "true"
         row = dict(trial=int(r.data.tags["trial"]), state=STATE.get(r.info.status, r.info.status),
-                   score=r.data.metrics.get("score") if r.info.status == "FINISHED" else None)
+                   score=r.data.metrics.get("score") if scored else None)
         for k, v in sorted(r.data.tags.items()):
             if k.startswith("optuna."):
                 row[f"param:{k[7:]}"] = v
@@ -58,7 +60,7 @@ def runs_table(experiment: str, tracking_uri: str | None = None, top: int | None
              "run_id": r["run_id"]} for r in rows]
 
 
-def reproduce(run_id: str, tracking_uri: str | None = None, data_dir: str | None = None) -> dict:
+def reproduce(run_id: str, tracking_uri: str | None = None, data_dir: str | None = None, log=print) -> dict:
     """Re-run a trial from its logged params alone (every TrainConfig field is a param) on the
     folds it evaluated; returns the logged and the reproduced score."""
     tracker = Tracker(tracking_uri)
@@ -67,7 +69,13 @@ def reproduce(run_id: str, tracking_uri: str | None = None, data_dir: str | None
     if data_dir:
         cfg = cfg.with_overrides({"data.data_dir": data_dir})
     folds = [int(f) for f in run.data.tags.get("spinesweep.folds", str(cfg.data.fold)).split(",")]
-    result = evaluate_folds(cfg, folds, prefix="spinesweep-repro-").score()
+    from .progress import ProgressFolds
+
+    hooks = ProgressFolds(f"reproduce {run_id[:12]}", cfg.optim.epochs, len(folds), log=log)
+    try:
+        result = evaluate_folds(cfg, folds, hooks, prefix="spinesweep-repro-").score()
+    finally:
+        hooks.close()
     return dict(run_id=run_id, logged_score=run.data.metrics.get("score"), score=result.score,
                 groups=result.groups, folds=folds)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import signal
 import sys
@@ -33,7 +34,7 @@ from trainer.errors import UserError
 from .objective import TrialContext, run_trial
 from .progress import enabled as progress_enabled, share_lock
 from .space import SearchSpace, Settings, load_space
-from .tracking import Tracker, redact
+from .tracking import VIEW_TAG, Tracker, redact, runs_view
 from .trials import is_legacy
 
 DEFAULT_STORAGE = "sqlite:///studies.db"
@@ -350,7 +351,7 @@ def plan_workers(gpus: str | None, workers: int | None, trials_per_gpu: int | No
 @dataclass
 class StudyOutcome:
     study: optuna.Study
-    parent_run_id: str
+    parent_run_id: str | None  # None: nothing was run (the study already held its trials)
     experiment_id: str
     tracking_uri: str
     counts: dict
@@ -373,6 +374,16 @@ def launch(space: SearchSpace, n_trials: int, *, study_name: str, storage_url: s
     study.set_user_attr("space_file_hash", space.file_hash)
     tracker = Tracker(tracking_uri)
     experiment_id = tracker.ensure_experiment(study_name)
+    with contextlib.suppress(Exception):  # a convenience of the UI: never a reason to stop a study
+        tracker.set_experiment_tag(experiment_id, VIEW_TAG, json.dumps(
+            runs_view([p.key for p in space.params], space.direction)))
+    trials = study.get_trials(deepcopy=False)
+    if len(TrialQuota.counted(trials)) >= n_trials and not any(
+            t.state in (TrialState.WAITING, TrialState.RUNNING) for t in trials):
+        # a no-op resume: the study already holds its N trials; no empty parent run in MLflow
+        print(f"study {study_name} already holds its {n_trials} trials: nothing to run "
+              f"(a larger --n-trials adds to it)", flush=True)
+        return StudyOutcome(study, None, experiment_id, tracking_uri, _counts(trials), time.time() - started)
     parent = tracker.start_run(experiment_id, f"{study_name}-{time.strftime('%Y%m%d-%H%M%S')}", tags={
         **tags, "study": study_name, "space": space.name, "n_trials": n_trials, "storage": redact(storage_url),
         "workers": ",".join(w.name for w in workers), "command": redact(" ".join(sys.argv)),
@@ -399,10 +410,14 @@ def launch(space: SearchSpace, n_trials: int, *, study_name: str, storage_url: s
             _close_orphan_runs(tracker, experiment_id, parent, study, storage)
         with contextlib.suppress(Exception):
             tracker.end_run(parent, status)
-    trials = study.get_trials(deepcopy=False)
+    return StudyOutcome(study, parent, experiment_id, tracking_uri, _counts(study.get_trials(deepcopy=False)),
+                        time.time() - started)
+
+
+def _counts(trials) -> dict:
     counts = {s.name: sum(t.state == s and not is_legacy(t) for t in trials) for s in TrialState}
     counts["LEGACY"] = sum(is_legacy(t) for t in trials)
-    return StudyOutcome(study, parent, experiment_id, tracking_uri, counts, time.time() - started)
+    return counts
 
 
 def _only_legacy(storage: RDBStorage, study_name: str) -> bool:

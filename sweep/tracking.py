@@ -268,9 +268,31 @@ class Tracker:
         _retry(self.client.set_registered_model_alias, name, alias, version)
 
 
+VIEW_KEY = "spinesweep"  # the runs-table view every study experiment carries
+VIEW_TAG = f"mlflow.sharedViewState.{VIEW_KEY}"  # where the MLflow UI (3.15+) keeps a shared view
+
+
+def runs_view(params: list[str], direction: str = "minimize") -> dict:
+    """The MLflow UI's runs-table state for a study: its trials listed flat (not folded under the
+    invocation's parent run), best score first, with the score and every sampled parameter as
+    columns. Stored as an experiment tag, opened by `view_url`."""
+    columns = ["metrics.`score`", *(f"params.`{k}`" for k in params), "metrics.`prior_score`", "tags.`worker`"]
+    return {"searchFilter": "tags.trial != ''", "orderByKey": "metrics.`score`",
+            "orderByAsc": direction == "minimize", "startTime": "ALL", "lifecycleFilter": "Active",
+            "datasetsFilter": [], "modelVersionFilter": "All Runs", "selectedColumns": columns,
+            "columnOrder": columns}
+
+
+def view_url(ui_url: str, experiment_id: str) -> str:
+    return f"{ui_url.rstrip('/')}/#/experiments/{experiment_id}/runs?viewStateShareKey={VIEW_KEY}"
+
+
 class MlflowCurves:
     """A `fit` callback: per-epoch metrics into a run, at a global step (``offset + epoch``);
-    with several folds in one run, each metric also under ``fold<k>_``."""
+    with several folds in one run, each metric also under ``fold<k>_``. An epoch's validation score
+    is the curve ``val_score``: the name ``score`` holds one value only, the run's own (a trial's
+    final score, the value Optuna keeps for a pruned trial, a promoted fold's score), so MLflow's
+    latest ``score`` means the same in the UI, in filters, in `runs` and in Optuna."""
 
     __name__ = "mlflow_curves"
 
@@ -278,7 +300,7 @@ class MlflowCurves:
         self.tracker, self.run_id, self.offset, self.fold, self.n_folds = tracker, run_id, offset, fold, n_folds
 
     def __call__(self, epoch: int, metrics: dict) -> None:
-        m = {k: v for k, v in metrics.items() if k != "epoch"}
+        m = {("val_score" if k == "score" else k): v for k, v in metrics.items() if k != "epoch"}
         if self.n_folds > 1:
             m.update({f"fold{self.fold}_{k}": v for k, v in list(m.items())})
         self.tracker.log_metrics(self.run_id, m, step=self.offset + epoch)

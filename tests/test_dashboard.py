@@ -119,7 +119,7 @@ def test_a_study_ends_with_a_dashboard_that_renders_every_figure(phantom_dir, tm
     assert report.exists() and "dashboard written: dashboards/demo-smoke.html" in out and "optuna-run ui" in out
     result = render(report.resolve().as_uri())
     assert result["errors"] == []
-    expected = {"history", "importances", "parallel", "slices", "intermediate", "timeline", "curves", "confusion",
+    expected = {"history", "importances", "parallel", "slices", "intermediate", "timeline", "curves", "losses", "confusion",
                 "calibration", "legacy"}
     assert set(result["figures"]) == expected, result["empty"]
     assert all(n >= 1 for n in result["figures"].values()), result["figures"]

@@ -2,6 +2,8 @@
 fold trained), promoting again is a no-op, the ensemble is no worse than its best member and is
 logged, the submission has the exact Kaggle form and scores against the hidden test labels."""
 import json
+import subprocess
+import sys
 
 import numpy as np
 import optuna
@@ -32,6 +34,7 @@ def test_promote_ensemble_predict(phantom_dir, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     # one epoch (--smoke): never pruned (no pruning at a trial's last step), so three complete trials
     assert main(["demo", "--smoke", "--n-trials", "3", "--data", str(phantom_dir)]) == 0
+    test_study = int(pd.read_csv(phantom_dir / "test_series_descriptions.csv")["study_id"].iloc[0])
     study = optuna.load_study(study_name="demo-smoke", storage="sqlite:///studies.db")
     done = sorted((t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE), key=lambda t: t.value)
     assert len(done) >= 2
@@ -54,8 +57,26 @@ def test_promote_ensemble_predict(phantom_dir, tmp_path, monkeypatch, capsys):
     children = client.search_runs([client.get_run(run_id).info.experiment_id],
                                   f"tags.mlflow.parentRunId = '{run_id}'")
     assert sorted(r.data.tags["fold"] for r in children) == ["1", "2", "3"]
-    arts = {a.path for a in client.list_artifacts(run_id, "promoted")}
-    assert {f"promoted/checkpoint_fold{k}.pt" for k in range(4)} <= arts
+    arts = {a.path for a in client.list_artifacts(run_id, "promoted/model/artifacts/checkpoints")}
+    assert {f"promoted/model/artifacts/checkpoints/checkpoint_fold{k}.pt" for k in range(4)} <= arts
+    assert "promoted/model/MLmodel" in {a.path for a in client.list_artifacts(run_id, "promoted/model")}
+
+    # a real MLflow model: loaded through the registry in a fresh process, it predicts submission rows
+    script = (
+        "import json, sys, mlflow, mlflow.pyfunc, pandas as pd\n"
+        f"mlflow.set_tracking_uri({default_tracking_uri()!r})\n"
+        f"m = mlflow.pyfunc.load_model('models:/spinesweep-demo-smoke@trial_{done[0].number}')\n"
+        "sig = m.metadata.signature\n"
+        f"out = m.predict(pd.DataFrame({{'data_dir': [{str(phantom_dir)!r}], 'study_id': [{test_study}]}}))\n"
+        "print(json.dumps({'inputs': sig.inputs.input_names(), 'columns': list(out.columns), 'rows': len(out),"
+        " 'sums': out[['normal_mild', 'moderate', 'severe']].sum(axis=1).round(6).tolist(),"
+        " 'example': m.metadata.saved_input_example_info is not None}))\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    loaded = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert loaded["inputs"] == ["data_dir", "study_id"] and loaded["example"]
+    assert loaded["columns"] == ["row_id", "normal_mild", "moderate", "severe"]
+    assert loaded["rows"] == 5 and all(abs(x - 1) < 1e-5 for x in loaded["sums"])  # spinal canal, 5 levels
     oof = pd.read_csv(client.download_artifacts(run_id, "promoted/oof.csv", str(tmp_path)))
     assert oof["row_id"].str.split("_").str[0].nunique() == 8  # every smoke study (8) is out of fold once
 

@@ -72,7 +72,7 @@ def test_a_study_logs_every_trial_to_mlflow(phantom_dir, workdir, capsys):
         assert r.data.params["optim.lr"] == str(t.params["optim.lr"])  # the flat config as params
         history = client.get_metric_history(r.info.run_id, "val_loss")
         assert [m.step for m in history] == list(range(1, len(history) + 1))
-        for m in ("train_loss", "score", "loss_spinal", "lr", "seconds"):
+        for m in ("train_loss", "val_score", "loss_spinal", "lr", "seconds"):
             assert client.get_metric_history(r.info.run_id, m), m
         # MLflow's own system metrics, so an idle GPU (or a starved CPU) shows in the UI
         assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(r.data.metrics)
@@ -95,9 +95,12 @@ def test_two_workers_make_exactly_n_distinct_trials(phantom_dir, workdir):
     assert {r.data.tags["worker"] for r in runs} == {"cpu0", "cpu1"}
     # CPU workers train on the CPU even where a GPU is visible, and say so
     assert {(r.data.params["device"], r.data.tags["device"]) for r in runs} == {("cpu", "cpu")}
-    # resuming with the same N adds nothing: N is the study's total
+    # resuming with the same N adds nothing: N is the study's total, and no empty parent run is made
     assert main(["demo", "--smoke", "--n-trials", "5", "--resume", "--data", str(phantom_dir)]) == 0
     assert len(study("demo-smoke").trials) == 5
+    client = MlflowClient(default_tracking_uri())
+    exp = client.get_experiment_by_name("demo-smoke")
+    assert len(client.search_runs([exp.experiment_id], "tags.study = 'demo-smoke' and tags.n_trials = '5'")) == 1
 
 
 def test_runs_table_and_reproduce(phantom_dir, workdir, capsys):
@@ -107,15 +110,17 @@ def test_runs_table_and_reproduce(phantom_dir, workdir, capsys):
     assert main(["runs", "demo-smoke", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert len(rows) == 2 and "param:optim.lr" in rows[0]
-    scored = [r for r in rows if r["score"] is not None]
+    scored = [r for r in rows if r["score"] is not None and r["state"] != "PRUNED"]
     assert scored == sorted(scored, key=lambda r: r["score"])
     assert main(["runs", "demo-smoke", "--top", "1"]) == 0
     table = capsys.readouterr().out.splitlines()
     assert table[0].split()[:3] == ["trial", "state", "score"] and len(table) == 2
     best = scored[0]["run_id"]
     assert main(["reproduce", best, "--json"]) == 0
-    out = json.loads(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    out = json.loads(captured.out)
     assert abs(out["score"] - out["logged_score"]) < 1e-6
+    assert f"reproduce {best[:12]}: fold 0 done, score {out['score']:.4f}" in captured.err  # progress, not silence
 
 
 @pytest.mark.parametrize("argv,message", [
