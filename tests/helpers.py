@@ -32,3 +32,12 @@ def write_sagittal(folder, xs, instances, size=64, spacing=0.5, dots=None, **kw)
     plan = series_plan(SAGITTAL, pos, spacing, size)
     write_series(folder, dot_images(len(xs), size, dots), plan, instances, 1, 2, **kw)
     return plan
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on (for servers the tests start on loopback)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

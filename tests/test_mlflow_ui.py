@@ -2,7 +2,6 @@
 lists the trial runs flat, best first, with the score and the sampled parameters as columns.
 Checked in headless Chromium against a real `mlflow ui`."""
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -14,11 +13,7 @@ from dashboards.browser import chromium, dom
 from sweep.cli import main
 from sweep.tracking import VIEW_TAG, Tracker, default_tracking_uri, view_url
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from helpers import free_port
 
 
 @pytest.mark.slow

@@ -1,6 +1,5 @@
 """optuna-dashboard, Optuna's own web UI, opens the studies this project writes."""
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -11,11 +10,7 @@ import pytest
 
 from sweep.cli import main
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from helpers import free_port
 
 
 @pytest.mark.slow

@@ -9,11 +9,7 @@ import urllib.request
 import psutil
 import pytest
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from helpers import free_port
 
 
 def port_open(port: int) -> bool:
