@@ -61,7 +61,7 @@ def requirements() -> list[str]:
 def save(path: Path, checkpoints: Path, example: pd.DataFrame, oof: Path, solution: Path) -> None:
     """Write the model folder: MLmodel, the pickled class, and as artifacts the checkpoints and the
     out-of-fold predictions with their labels (what an ensemble of registered models weighs)."""
-    mlflow.pyfunc.save_model(str(path), python_model=PromotedModel(),
+    mlflow.pyfunc.save_model(str(path), python_model=str(Path(__file__).with_name("model_code.py")),
                              artifacts={"checkpoints": str(checkpoints), "oof": str(oof), "solution": str(solution)},
                              signature=signature(), input_example=example, pip_requirements=requirements())
 
