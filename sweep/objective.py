@@ -141,8 +141,9 @@ def run_trial(trial: optuna.Trial, space: SearchSpace, ctx: TrialContext, tracke
         cfg = space.config(ctx.settings, space.suggest(trial, base, never=ctx.settings.never_sampled(space)))
         tracker.log_batch(run_id, params=cfg.to_flat(), tags={f"optuna.{k}": v for k, v in trial.params.items()})
         (artifacts / "config.yaml").write_text(cfg.to_yaml())
-        progress = TrialProgress(worker.get("name", "0"), trial.number, len(space.folds) * cfg.optim.epochs,
-                                 position=int(worker.get("index", 0)), direction=space.direction)
+        progress = TrialProgress(f"[{worker.get('name', '0')}] trial {trial.number}",
+                                 len(space.folds) * cfg.optim.epochs, position=int(worker.get("index", 0)),
+                                 direction=space.direction)
         hooks = TrialFolds(trial, space, tracker, run_id, cfg.optim.epochs, artifacts, progress)
         folds = evaluate_folds(cfg, space.folds, hooks, prefix=f"spinesweep-t{trial.number}-")
         if folds.stopped:

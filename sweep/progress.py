@@ -40,15 +40,14 @@ class TrialProgress:
     fold whose epochs start after `offset`; `close()` removes the bar (the finished trial's line
     replaces it)."""
 
-    def __init__(self, worker: str, number: int, total_epochs: int, position: int = 0, direction: str = "minimize",
-                 desc: str | None = None):
+    def __init__(self, desc: str, total_epochs: int, position: int = 0, direction: str = "minimize"):
         self.best = math.inf if direction == "minimize" else -math.inf
         self.better = min if direction == "minimize" else max
         self.bar = None
         if enabled():
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total_epochs, desc=desc or f"[{worker}] trial {number}", position=position, leave=False,
+            self.bar = tqdm(total=total_epochs, desc=desc, position=position, leave=False,
                             unit="epoch", dynamic_ncols=True, file=sys.stderr,
                             bar_format="{desc}: {percentage:3.0f}%|{bar:20}| {n_fmt}/{total_fmt} "
                                        "[{elapsed}<{remaining}{postfix}]")
@@ -81,7 +80,7 @@ class ProgressFolds(FoldHooks):
 
     def __init__(self, label: str, epochs: int, n_folds: int, log=print, inner: FoldHooks | None = None):
         self.label, self.epochs, self.log, self.inner = label, epochs, log, inner or FoldHooks()
-        self.bar = TrialProgress("", 0, epochs * n_folds, desc=label)
+        self.bar = TrialProgress(label, epochs * n_folds)
         self.started = time.perf_counter()
 
     def callbacks(self, i: int, fold: int) -> list:
