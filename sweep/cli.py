@@ -179,10 +179,11 @@ def define_study(p: argparse.ArgumentParser) -> Callable:
         from trainer.data.cache import data_fingerprint
         from trainer.data.layout import Layout
 
-        Layout(data).validate()  # the label CSVs, once: no trial starts on data `data check` rejects
+        layout = Layout(data)
+        layout.validate()  # the label CSVs, once: no trial starts on data `data check` rejects
         check_stores(args)
 
-        tags = {"git_commit": git_commit(), "data_fingerprint": data_fingerprint(Layout(data)),
+        tags = {"git_commit": git_commit(), "data_fingerprint": data_fingerprint(layout),
                 "space_file": space.path.name, "space_file_hash": space.file_hash,
                 **{f"version.{k}": v for k, v in package_versions().items()}}
         print(f"study {study_name}: space {space.name} ({space.path}), {n_trials} trials, "

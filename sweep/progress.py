@@ -35,6 +35,18 @@ def share_lock() -> None:
         tqdm.get_lock()
 
 
+def say(line: str, file=None) -> None:
+    """Print a line; with live bars on the terminal, above them rather than through them."""
+    file = file or sys.stdout
+    if enabled():
+        from tqdm import tqdm
+
+        tqdm.write(line, file=file)
+        file.flush()
+    else:
+        print(line, file=file, flush=True)
+
+
 class TrialProgress:
     """A trial's bar over all its epochs (folds x epochs). `at(offset)` is the `fit` callback of a
     fold whose epochs start after `offset`; `close()` removes the bar (the finished trial's line
@@ -90,9 +102,7 @@ class ProgressFolds(FoldHooks):
     def done(self, i: int, fold: int, result) -> bool:
         line = f"{self.label}: fold {fold} done, score {result.score:.4f} ({time.perf_counter() - self.started:.0f} s)"
         if self.bar.bar is not None:
-            from tqdm import tqdm
-
-            tqdm.write(line, file=sys.stderr)
+            say(line, sys.stderr)
         else:
             self.log(line)
         return self.inner.done(i, fold, result)

@@ -32,7 +32,7 @@ from optuna.trial import TrialState
 from trainer.errors import UserError
 
 from .objective import TrialContext, run_trial
-from .progress import enabled as progress_enabled, share_lock
+from .progress import say, share_lock
 from .space import SearchSpace, Settings, load_space
 from .tracking import VIEW_TAG, Tracker, redact, runs_view
 from .trials import is_legacy
@@ -275,13 +275,7 @@ def _progress(study, number, state, value, message, worker, started) -> None:
     score = f"score {value:.4f}" if value is not None else message[:80]
     line = (f"trial {number:>3} {state.name:<8} {score:<28} {best_s:<22} {_fmt_elapsed(time.time() - started)}"
             f"  [{worker}]")
-    if progress_enabled():  # above the live bars, not through them
-        from tqdm import tqdm
-
-        tqdm.write(line, file=sys.stdout)
-        sys.stdout.flush()
-    else:
-        print(line, flush=True)
+    say(line)
 
 
 def _worker_entry(*args) -> None:
