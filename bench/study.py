@@ -1,4 +1,4 @@
-"""Study benchmark, through the real `optuna-run` command in scratch folders:
+"""Study benchmark, through `sweep.study.run_study` (what `optuna-run SPACE` runs) in scratch folders:
 
 - overhead of Optuna + MLflow per trial: a trial's whole cycle in a study against the time it
   spends training inside `fit` (and, as a check, `fit` alone against a one-trial study);
@@ -13,9 +13,10 @@ Writes bench/results/study.json and bench/results/study.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,7 +29,6 @@ import optuna  # noqa: E402
 
 from bench.common import write  # noqa: E402
 
-OPTUNA_RUN = [sys.executable, "-m", "sweep.cli"]
 
 FIXED_SPACE = """\
 # benchmark space: one fixed config, so every trial trains the same thing
@@ -50,10 +50,18 @@ pruner: {{name: none}}
 """
 
 
-def run_cli(args, cwd: Path, env=None) -> float:
+def run_in(cwd: Path, space: str, n_trials: int, **kwargs) -> float:
+    """`run_study` with `cwd` as the working folder (its default stores), quietly; returns seconds."""
+    from sweep.study import run_study
+
+    old = os.getcwd()
+    os.chdir(cwd)
     t0 = time.perf_counter()
-    subprocess.run(OPTUNA_RUN + args, cwd=cwd, check=True, env={**os.environ, **(env or {})},
-                   stdout=subprocess.DEVNULL)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            run_study(space, n_trials, log=lambda line: None, **kwargs)
+    finally:
+        os.chdir(old)
     return time.perf_counter() - t0
 
 
@@ -75,14 +83,11 @@ def overhead(work: Path, data: Path, n: int) -> dict:
       catches a study slowing `fit` itself down, but the machine's own drift between runs
       (several % on 2 shared cores) is of the order of the effect, so medians are reported.
     """
-    import contextlib
-    import io
     import statistics
 
     import yaml
 
     import trainer.fit
-    from sweep.cli import main as optuna_run
     from trainer.config import TrainConfig
 
     cwd = work / "overhead"
@@ -113,25 +118,17 @@ def overhead(work: Path, data: Path, n: int) -> dict:
         finally:
             inside.append(time.perf_counter() - t0 - spent[0])
 
-    def study(name: str, total: int):
-        with contextlib.redirect_stdout(io.StringIO()):
-            optuna_run([str(space), "--n-trials", str(total), "--data", str(data), "--study-name", name, "--resume"])
+    def study(name: str, total: int, fit_fn=None):
+        run_in(cwd, str(space), total, data=str(data), study_name=name, resume=True, fit_fn=fit_fn)
 
-    old = os.getcwd()
-    os.chdir(cwd)
-    trainer.fit.fit = timed_fit  # the objective imports it at call time
-    try:
-        direct = []
-        for i in range(n + 1):  # a/b; round 0 warms both paths up and is not counted
-            t0 = time.perf_counter()
-            real_fit(cfg)
-            direct.append(time.perf_counter() - t0)
-            study("ab", i + 1)
-        inside.clear()
-        study("split", n + 1)
-    finally:
-        trainer.fit.fit = real_fit
-        os.chdir(old)
+    direct = []
+    for i in range(n + 1):  # a/b; round 0 warms both paths up and is not counted
+        t0 = time.perf_counter()
+        real_fit(cfg)
+        direct.append(time.perf_counter() - t0)
+        study("ab", i + 1)
+    inside.clear()
+    study("split", n + 1, fit_fn=timed_fit)
     s = optuna.load_study(study_name="split", storage=f"sqlite:///{cwd / 'studies.db'}")
     done = sorted(t.datetime_complete for t in s.trials)
     cycles = [(b - a).total_seconds() for a, b in zip(done, done[1:])]  # trials 1..n
@@ -157,14 +154,13 @@ def pruning(work: Path, data: Path, n: int) -> dict:
         cwd.mkdir(parents=True)
         space = cwd / "demo.yaml"
         space.write_text(text if pruner == "space" else re.sub(r"(?m)^pruner: .*$", "pruner: {name: none}", text))
-        args = [str(space), "--n-trials", str(n), "--data", str(data), "--study-name", "demo"]
-        if pruner == "space":
+        resume = pruner == "space"
+        if resume:
             storage = f"sqlite:///{cwd / 'studies.db'}"
             replay = optuna.create_study(study_name="demo", storage=storage, direction="minimize")
             for t in out["none"]["trials"]:
                 replay.enqueue_trial(t)
-            args.append("--resume")
-        seconds = run_cli(args, cwd)
+        seconds = run_in(cwd, str(space), n, data=str(data), study_name="demo", resume=resume)
         s = optuna.load_study(study_name="demo", storage=f"sqlite:///{cwd / 'studies.db'}")
         out[pruner] = dict(epochs=sum(len(t.intermediate_values) for t in s.trials), best=s.best_value,
                            seconds=seconds, pruned=sum(t.state == optuna.trial.TrialState.PRUNED for t in s.trials),
@@ -178,10 +174,10 @@ def workers(work: Path, data: Path, n: int) -> dict:
         cwd = work / f"workers{k}"
         shutil.rmtree(cwd, ignore_errors=True)
         cwd.mkdir(parents=True)
-        run_cli(["demo", "--smoke", "--n-trials", "1", "--data", str(data), "--study-name", "warm"], cwd)
+        run_in(cwd, "demo", 1, smoke=True, data=str(data), study_name="warm")
         t0 = time.perf_counter()
-        run_cli(["demo", "--smoke", "--n-trials", str(n), "--workers", str(k), "--data", str(data),
-                 "--set", "data.max_studies=40", "--set", "optim.epochs=2"], cwd)
+        run_in(cwd, "demo", n, smoke=True, workers=k, data=str(data),
+               pinned={"data.max_studies": "40", "optim.epochs": "2"})
         s = optuna.load_study(study_name="demo-smoke", storage=f"sqlite:///{cwd / 'studies.db'}")
         first = min(t.datetime_start for t in s.trials)
         last = max(t.datetime_complete for t in s.trials)

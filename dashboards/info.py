@@ -18,6 +18,7 @@ import optuna
 import pandas as pd
 from optuna.trial import TrialState
 
+from sweep.artifacts import OOF, SOLUTION, parse_fold_file
 from sweep.tracking import Tracker
 from sweep.trials import best_trial, own_trials
 from trainer.metric import TARGET_COLUMNS
@@ -34,11 +35,12 @@ def best_run_id(study: optuna.Study) -> str | None:
 def learning_curves(tracker: Tracker, run_id: str) -> dict[str, Any]:
     """A run's per-epoch history (``history.csv``, one per fold): epoch, train/val loss, score."""
     out: dict[str, Any] = {"folds": []}
-    names = sorted(n for n in tracker.list_artifacts(run_id) if n.startswith("history"))
-    for name in names:
+    files = sorted((n, parsed[1]) for n in tracker.list_artifacts(run_id)
+                   if (parsed := parse_fold_file(n)) and parsed[0] == "history")
+    for name, number in files:
         path = download(tracker, run_id, name)
         h = pd.read_csv(path)
-        fold = name[len("history_fold"):-len(".csv")] if "_fold" in name else ""
+        fold = "" if number is None else str(number)
         out["folds"].append({"fold": fold, **{k: h[k].tolist() for k in ("epoch", "train_loss", "val_loss", "score")
                                                if k in h}})
     return out
@@ -56,7 +58,7 @@ def download(tracker: Tracker, run_id: str, name: str) -> Path | None:
 
 def confusion(tracker: Tracker, run_id: str) -> dict[str, list[list[int]]]:
     """Per condition: counts, rows = truth, columns = prediction (N/M, moderate, severe)."""
-    files = [n for n in tracker.list_artifacts(run_id) if n.startswith("confusion")]
+    files = [n for n in tracker.list_artifacts(run_id) if (parsed := parse_fold_file(n)) and parsed[0] == "confusion"]
     total: dict[str, np.ndarray] = {}
     for name in files:
         path = download(tracker, run_id, name)
@@ -82,7 +84,7 @@ def calibration(oof: pd.DataFrame, solution: pd.DataFrame, bins: int = 10) -> di
 
 def run_frames(tracker: Tracker, run_id: str) -> tuple[pd.DataFrame | None, pd.DataFrame | None]:
     """A run's OOF predictions and the matching solution (labels), when logged."""
-    oof_path, sol_path = download(tracker, run_id, "oof.csv"), download(tracker, run_id, "solution.csv")
+    oof_path, sol_path = download(tracker, run_id, OOF), download(tracker, run_id, SOLUTION)
     oof = pd.read_csv(oof_path) if oof_path else None
     sol = pd.read_csv(sol_path) if sol_path else None
     return oof, sol

@@ -22,6 +22,7 @@ import pandas as pd
 from trainer.data.layout import parse_row_ids
 from trainer.metric import TARGET_COLUMNS, score_groups
 
+from . import artifacts as names
 from .promote import MODEL_PREFIX, PromoteError
 from .tracking import Tracker
 
@@ -58,37 +59,52 @@ def members(tracking_uri: str, name: str = "default", with_frames: bool = True) 
 
                 oof, sol = member_frames(v.source, tracking_uri, tmp)
             else:  # promoted before models were logged: the run's promoted/ folder
-                oof = pd.read_csv(tracker.download(v.run_id, "promoted/oof.csv", tmp))
-                sol = pd.read_csv(tracker.download(v.run_id, "promoted/solution.csv", tmp))
+                oof = pd.read_csv(tracker.download(v.run_id, f"{names.PROMOTED}/{names.OOF}", tmp))
+                sol = pd.read_csv(tracker.download(v.run_id, f"{names.PROMOTED}/{names.SOLUTION}", tmp))
             shutil.rmtree(tmp, ignore_errors=True)
         out.append(Member(v.name, v.version, v.tags.get("trial", "?"), v.run_id, v.source, oof, sol))
     return out
 
 
 def combine(frames: list[pd.DataFrame], weights: np.ndarray) -> pd.DataFrame:
-    """Row-wise weighted mean over the members that have each row (weights renormalised per row)."""
+    """Row-wise weighted mean of the members' Kaggle-form frames, over the members that have each
+    row (weights renormalised per row); rows sorted by `row_id`. A row no member with a positive
+    weight has is left out (the caller decides what it gets).
+
+    A mean of probability rows is a probability row, so nothing is renormalised afterwards: with
+    one member weighted 1 and the others 0, every value is exactly that member's (``x*1 + 0 = x``,
+    ``/1``), so an ensemble that keeps one member scores exactly that member's score."""
     parts = []
     for w, f in zip(weights, frames):
+        if w <= 0:
+            continue
         g = f[["row_id", *TARGET_COLUMNS]].copy()
         g[list(TARGET_COLUMNS)] = g[list(TARGET_COLUMNS)].to_numpy() * w
         g["_w"] = w
         parts.append(g)
+    if not parts:
+        return pd.DataFrame(columns=["row_id", *TARGET_COLUMNS])
     s = pd.concat(parts).groupby("row_id", sort=True).sum()
-    denom = s["_w"].where(s["_w"] > 0, np.nan)
-    out = s[list(TARGET_COLUMNS)].div(denom, axis=0)
-    out = out.fillna(1.0 / 3)
-    out = out.div(out.sum(axis=1), axis=0)
+    out = s[list(TARGET_COLUMNS)].div(s["_w"], axis=0)
     return out.reset_index()
 
 
-def _solution(ms: list[Member]) -> pd.DataFrame:
-    return pd.concat([m.solution for m in ms]).drop_duplicates("row_id").reset_index(drop=True)
+def joint_solution(ms: list[Member]) -> pd.DataFrame:
+    """Every member's labelled rows once, sorted by row_id (the order every score here sums in,
+    so a score over one member's rows is exactly that member's own)."""
+    return pd.concat([m.solution for m in ms]).drop_duplicates("row_id").sort_values("row_id", ignore_index=True)
 
 
-def _score(sol: pd.DataFrame, frames, w) -> float:
-    pred = combine(frames, w)
+def _scored(sol: pd.DataFrame, pred: pd.DataFrame):
+    """The metric over the rows both the solution and the combined prediction have."""
     pred = pred[pred["row_id"].isin(set(sol["row_id"]))]
-    return score_groups(sol[sol["row_id"].isin(set(pred["row_id"]))], pred).score
+    return score_groups(sol[sol["row_id"].isin(set(pred["row_id"]))], pred)
+
+
+def weighted_score(sol: pd.DataFrame, frames: list[pd.DataFrame], w: np.ndarray) -> float:
+    """The metric of the members' `frames` combined with weights `w` (`combine`), over the rows
+    of `sol` (`joint_solution`) that the weighted members cover."""
+    return _scored(sol, combine(frames, w)).score
 
 
 def _optimise(sol: pd.DataFrame, frames: list[pd.DataFrame]) -> np.ndarray:
@@ -100,7 +116,7 @@ def _optimise(sol: pd.DataFrame, frames: list[pd.DataFrame]) -> np.ndarray:
         e = np.exp(theta - theta.max())
         return e / e.sum()
 
-    res = minimize(lambda th: _score(sol, frames, weights(th)), np.zeros(k), method="Nelder-Mead",
+    res = minimize(lambda th: weighted_score(sol, frames, weights(th)), np.zeros(k), method="Nelder-Mead",
                    options=dict(maxiter=200 * k, xatol=1e-3, fatol=1e-5))
     return weights(res.x)
 
@@ -121,12 +137,12 @@ def ensemble(tracking_uri: str, name: str = "default", method: str = "optimize")
     ms = members(tracking_uri, name)
     if not ms:
         raise PromoteError(f"ensemble {name!r} has no members: promote a trial first (optuna-run promote SPACE)")
-    sol = _solution(ms)
+    sol = joint_solution(ms)
     frames = [m.oof for m in ms]
     k = len(ms)
     member_rows = []
     for m in ms:
-        r = score_groups(m.solution, m.oof)
+        r = score_groups(m.solution.sort_values("row_id", ignore_index=True), m.oof)
         member_rows.append({"member": m.label, "run_id": m.run_id, "score": r.score, **r.groups})
     equal = np.full(k, 1.0 / k)
     held_out: dict[str, float] = {}
@@ -140,7 +156,7 @@ def ensemble(tracking_uri: str, name: str = "default", method: str = "optimize")
         for fit_idx, test_idx in GroupKFold(n_parts).split(sol, groups=studies):  # whole studies held out
             fit_sol, test_sol = sol.iloc[fit_idx], sol.iloc[test_idx]
             w_opt = _optimise(fit_sol, frames)
-            single = np.eye(k)[int(np.argmin([_score(fit_sol, frames, np.eye(k)[i]) for i in range(k)]))]
+            single = np.eye(k)[int(np.argmin([weighted_score(fit_sol, frames, np.eye(k)[i]) for i in range(k)]))]
             for key, w in (("equal", equal), ("optimized", w_opt), ("best_member", single)):
                 p = combine(frames, w)
                 preds[key].append(p[p["row_id"].isin(set(test_sol["row_id"]))])
@@ -148,7 +164,7 @@ def ensemble(tracking_uri: str, name: str = "default", method: str = "optimize")
             p = pd.concat(parts, ignore_index=True)
             held_out[key] = score_groups(sol[sol["row_id"].isin(set(p["row_id"]))], p).score
         chosen = min(held_out, key=held_out.get)
-        best_single = np.eye(k)[int(np.argmin([_score(sol, frames, np.eye(k)[i]) for i in range(k)]))]
+        best_single = np.eye(k)[int(np.argmin([weighted_score(sol, frames, np.eye(k)[i]) for i in range(k)]))]
         if chosen == "optimized":
             weights = _optimise(sol, frames)
         elif chosen == "best_member":
@@ -156,10 +172,10 @@ def ensemble(tracking_uri: str, name: str = "default", method: str = "optimize")
         # the members' OOF predictions are out of fold, so their OOF scores are honest: a
         # combination that the cross-fit preferred but that does worse than the best member on the
         # whole OOF is noise of a small cross-fit, and the best member is kept instead
-        if chosen != "best_member" and _score(sol, frames, weights) > _score(sol, frames, best_single):
+        if chosen != "best_member" and weighted_score(sol, frames, weights) > weighted_score(sol, frames, best_single):
             chosen, weights = "best_member (guard)", best_single
     pred = combine(frames, weights)
-    total = score_groups(sol, pred[pred["row_id"].isin(set(sol["row_id"]))])
+    total = _scored(sol, pred)
     result = EnsembleResult(name, chosen, member_rows,
                             [float(w) for w in weights], total.score, total.groups, held_out)
     result.run_id = _log_ensemble(tracking_uri, result, ms, pred)

@@ -19,6 +19,8 @@ import pandas as pd
 
 from trainer.data.layout import TARGET_COLUMNS
 
+from . import artifacts as names
+
 INPUT_COLUMNS = ("data_dir", "study_id")
 
 
@@ -68,11 +70,9 @@ def save(path: Path, checkpoints: Path, example: pd.DataFrame, oof: Path, soluti
 
 def member_frames(source: str, tracking_uri: str, dst: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     """A registered model version's OOF predictions and labels, from the version's own source."""
-    import mlflow.artifacts
+    from .tracking import Tracker
 
-    frames = []
-    for name in ("oof.csv", "solution.csv"):
-        local = mlflow.artifacts.download_artifacts(artifact_uri=f"{source.rstrip('/')}/artifacts/{name}",
-                                                    dst_path=str(dst), tracking_uri=tracking_uri)
-        frames.append(pd.read_csv(local))
+    tracker = Tracker(tracking_uri)
+    frames = [pd.read_csv(tracker.download_uri(f"{source.rstrip('/')}/artifacts/{name}", dst))
+              for name in (names.OOF, names.SOLUTION)]
     return frames[0], frames[1]

@@ -14,10 +14,12 @@ import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import optuna
 import pandas as pd
 
+from . import artifacts as names
 from .evaluate import FoldHooks, evaluate_folds
 from .progress import TrialProgress
 from .space import SearchSpace, Settings
@@ -36,6 +38,7 @@ class TrialContext:
     parent_run_id: str
     settings: Settings  # data folder, --smoke, --set values, the worker's device
     tags: dict  # invocation-wide tags: git commit, data fingerprint, versions, space hash
+    fit_fn: Callable | None = None  # `trainer.fit.fit` unless a caller hands another (tests, benchmarks)
 
 
 class Reporter:
@@ -140,12 +143,12 @@ def run_trial(trial: optuna.Trial, space: SearchSpace, ctx: TrialContext, tracke
     try:
         cfg = space.config(ctx.settings, space.suggest(trial, base, never=ctx.settings.never_sampled(space)))
         tracker.log_batch(run_id, params=cfg.to_flat(), tags={f"optuna.{k}": v for k, v in trial.params.items()})
-        (artifacts / "config.yaml").write_text(cfg.to_yaml())
+        (artifacts / names.CONFIG).write_text(cfg.to_yaml())
         progress = TrialProgress(f"[{worker.get('name', '0')}] trial {trial.number}",
                                  len(space.folds) * cfg.optim.epochs, position=int(worker.get("index", 0)),
                                  direction=space.direction)
         hooks = TrialFolds(trial, space, tracker, run_id, cfg.optim.epochs, artifacts, progress)
-        folds = evaluate_folds(cfg, space.folds, hooks, prefix=f"spinesweep-t{trial.number}-")
+        folds = evaluate_folds(cfg, space.folds, hooks, fit_fn=ctx.fit_fn, prefix=f"spinesweep-t{trial.number}-")
         if folds.stopped:
             return _pruned(trial, tracker, run_id, hooks, artifacts)
         total = folds.score()
@@ -156,8 +159,8 @@ def run_trial(trial: optuna.Trial, space: SearchSpace, ctx: TrialContext, tracke
         final = {"score": total.score, "prior_score": prior, "score_to_prior": total.score / prior,
                  **{f"final_{k}": v for k, v in total.groups.items()},
                  "best_epoch": results[-1].best_epoch, "trial_seconds": time.perf_counter() - t0}
-        folds.oof.to_csv(artifacts / "oof.csv", index=False)
-        folds.solution.to_csv(artifacts / "solution.csv", index=False)  # the labels: calibration, ensembles
+        folds.oof.to_csv(artifacts / names.OOF, index=False)
+        folds.solution.to_csv(artifacts / names.SOLUTION, index=False)  # the labels: calibration, ensembles
         tracker.log_artifacts(run_id, artifacts)
         # one step after every epoch's: MLflow's latest `score` is the trial's (the runs table, filters)
         tracker.log_batch(run_id, metrics=final, step=len(space.folds) * cfg.optim.epochs + 1, tags={
@@ -173,8 +176,7 @@ def run_trial(trial: optuna.Trial, space: SearchSpace, ctx: TrialContext, tracke
         try:
             (artifacts / "error.txt").write_text(traceback.format_exc())
             tracker.log_artifacts(run_id, artifacts)
-            tracker.set_tags(run_id, {"error": reason[:5000]})
-            tracker.end_run(run_id, "FAILED")
+            tracker.fail_run(run_id, reason)
         except Exception:
             pass  # the tracking store itself failed: Optuna still records the reason
         return optuna.trial.TrialState.FAIL, None, reason
@@ -197,9 +199,8 @@ def _pruned(trial, tracker: Tracker, run_id: str, hooks: TrialFolds, artifacts: 
 
 
 def _fold_artifacts(folder: Path, result, fold: int, n_folds: int) -> None:
-    suffix = f"_fold{fold}" if n_folds > 1 else ""
-    (folder / f"confusion{suffix}.json").write_text(json.dumps(result.confusion, indent=2))
-    pd.DataFrame(result.history).to_csv(folder / f"history{suffix}.csv", index=False)
-    (folder / "augment_pipeline.json").write_text(json.dumps(result.augment_pipeline, indent=2, default=str))
+    (folder / names.fold_file("confusion", fold, n_folds)).write_text(json.dumps(result.confusion, indent=2))
+    pd.DataFrame(result.history).to_csv(folder / names.fold_file("history", fold, n_folds), index=False)
+    (folder / names.AUGMENT).write_text(json.dumps(result.augment_pipeline, indent=2, default=str))
     if result.checkpoint and Path(result.checkpoint).exists():
-        shutil.move(result.checkpoint, folder / f"checkpoint{suffix}.pt")
+        shutil.move(result.checkpoint, folder / names.fold_file("checkpoint", fold, n_folds))

@@ -14,6 +14,7 @@ import pandas as pd
 from trainer.metric import TARGET_COLUMNS, class_prior
 
 from .ensemble import combine, ensemble_weights, members
+from . import artifacts as names
 from .promote import PromoteError
 from .tracking import Tracker
 
@@ -40,18 +41,15 @@ def predict(data_dir: str, out: str | Path, tracking_uri: str, name: str = "defa
             continue
         used.append(w)
         if m.source.rstrip("/").endswith("/model"):  # a pyfunc model, loaded through the registry
-            import mlflow.pyfunc
-
             uri = f"models:/{m.model}@trial_{m.trial}"
             log(f"predict: {m.label} ({uri}) on {len(study_ids)} test studies")
-            mlflow.set_tracking_uri(tracking_uri)
-            model = mlflow.pyfunc.load_model(uri)
+            model = tracker.load_model(uri)
             frames.append(model.predict(pd.DataFrame({"data_dir": [str(Path(data_dir).resolve())] * len(study_ids),
                                                       "study_id": study_ids}), params={"device": device}))
             continue
         # a version promoted before models were logged: its checkpoints, as they were stored
         tmp = Path(tempfile.mkdtemp(prefix="spinesweep-predict-"))
-        ckpts = [tracker.download(m.run_id, n, tmp) for n in tracker.list_artifacts(m.run_id, "promoted")
+        ckpts = [tracker.download(m.run_id, n, tmp) for n in tracker.list_artifacts(m.run_id, names.PROMOTED)
                  if n.endswith(".pt")]
         log(f"predict: {m.label} on {len(study_ids)} test studies ({len(ckpts)} fold checkpoints)")
         frames.append(predict_studies(ckpts, data_dir, study_ids, prior=prior, device=device))

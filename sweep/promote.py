@@ -20,6 +20,7 @@ import pandas as pd
 from trainer.config import TrainConfig
 from trainer.errors import UserError
 
+from . import artifacts as names
 from .evaluate import FoldHooks, evaluate_folds
 from .model import save as save_model
 from .progress import ProgressFolds
@@ -91,22 +92,21 @@ class PromotionFolds(FoldHooks):
     def done(self, i: int, fold: int, result) -> bool:
         art = self.work / f"art{fold}"
         art.mkdir()
-        result.oof.to_csv(art / "oof.csv", index=False)
-        result.solution.to_csv(art / "solution.csv", index=False)
+        result.oof.to_csv(art / names.OOF, index=False)
+        result.solution.to_csv(art / names.SOLUTION, index=False)
         pd.DataFrame(result.history).to_csv(art / "history.csv", index=False)
-        (art / "confusion.json").write_text(json.dumps(result.confusion))
+        (art / names.fold_file("confusion", fold, 1)).write_text(json.dumps(result.confusion))
         self.tracker.log_artifacts(self.child, art)
         # after every epoch's step: MLflow's latest `score` (the UI column, search filters) is the fold's score
         self.tracker.log_batch(self.child, metrics={"score": result.score, "prior_score": result.prior_score},
                                step=len(result.history) + 1)
         self.tracker.end_run(self.child, "FINISHED")
-        shutil.copy(result.checkpoint, self.promoted / f"checkpoint_fold{fold}.pt")
+        shutil.copy(result.checkpoint, self.promoted / names.fold_file("checkpoint", fold))
         return False
 
     def failed(self, i: int, fold: int, error: BaseException) -> None:
         if self.child:
-            self.tracker.set_tags(self.child, {"error": f"{type(error).__name__}: {error}"[:5000]})
-            self.tracker.end_run(self.child, "FAILED")
+            self.tracker.fail_run(self.child, f"{type(error).__name__}: {error}")
 
 
 def _input_example(cfg: TrainConfig) -> pd.DataFrame:
@@ -122,13 +122,9 @@ def _input_example(cfg: TrainConfig) -> pd.DataFrame:
 def promote(study_name: str, storage_url: str, tracking_uri: str, trial: int | None = None,
             run_id: str | None = None, all_folds: bool = True, data_dir: str | None = None,
             ensemble: str = "default", log=print) -> Promotion:
-    from .study import make_storage
+    from .storage import open_study
 
-    storage = make_storage(storage_url)
-    try:
-        study = optuna.load_study(study_name=study_name, storage=storage)
-    except KeyError:
-        raise PromoteError(f"no study {study_name!r} in the storage") from None
+    study = open_study(storage_url, study_name)
     t = _study_trial(study, trial, run_id)
     run_id = t.user_attrs["mlflow_run_id"]
     space = study.user_attrs.get("space", study_name)
@@ -147,42 +143,42 @@ def promote(study_name: str, storage_url: str, tracking_uri: str, trial: int | N
     missing = [f for f in wanted if f not in evaluated]
     work = Path(tempfile.mkdtemp(prefix="spinesweep-promote-"))
     try:
-        promoted = work / "promoted"
+        promoted = work / names.PROMOTED
         promoted.mkdir()
-        names = set(tracker.list_artifacts(run_id))
-        if "oof.csv" not in names or "solution.csv" not in names:
-            raise PromoteError(f"run {run_id} has no oof.csv/solution.csv (made before promotion existed?)")
+        logged = set(tracker.list_artifacts(run_id))
+        if names.OOF not in logged or names.SOLUTION not in logged:
+            raise PromoteError(f"run {run_id} has no {names.OOF}/{names.SOLUTION} (made before promotion existed?)")
         for f in evaluated:
-            name = f"checkpoint_fold{f}.pt" if len(evaluated) > 1 else "checkpoint.pt"
-            if name not in names:
+            name = names.fold_file("checkpoint", f, len(evaluated))
+            if name not in logged:
                 raise PromoteError(f"run {run_id} has no {name}")
-            shutil.move(tracker.download(run_id, name, work), promoted / f"checkpoint_fold{f}.pt")
+            shutil.move(tracker.download(run_id, name, work), promoted / names.fold_file("checkpoint", f))
         hooks = ProgressFolds(f"promote trial {t.number}", cfg.optim.epochs, len(missing), log=log,
                               inner=PromotionFolds(tracker, run, cfg, t.number, study_name, promoted, work, log))
         try:
             folds = evaluate_folds(cfg, missing, hooks, prefix="spinesweep-promote-")
         finally:
             hooks.close()
-        folds.extra_oof = [pd.read_csv(tracker.download(run_id, "oof.csv", work))]
-        folds.extra_solution = [pd.read_csv(tracker.download(run_id, "solution.csv", work))]
+        folds.extra_oof = [pd.read_csv(tracker.download(run_id, names.OOF, work))]
+        folds.extra_solution = [pd.read_csv(tracker.download(run_id, names.SOLUTION, work))]
         total = folds.score()
-        folds.oof.to_csv(promoted / "oof.csv", index=False)
-        folds.solution.to_csv(promoted / "solution.csv", index=False)
-        (promoted / "config.yaml").write_text(cfg.to_yaml())
+        folds.oof.to_csv(promoted / names.OOF, index=False)
+        folds.solution.to_csv(promoted / names.SOLUTION, index=False)
+        (promoted / names.CONFIG).write_text(cfg.to_yaml())
         # the registered model: a pyfunc holding every fold's checkpoint (promoted/model)
         checkpoints = work / "checkpoints"
         checkpoints.mkdir()
         for ckpt in promoted.glob("checkpoint_fold*.pt"):
             shutil.move(ckpt, checkpoints / ckpt.name)
         log(f"promote: trial {t.number}: saving the MLflow model (signature, input example) ...")
-        save_model(promoted / "model", checkpoints, _input_example(cfg), promoted / "oof.csv", promoted / "solution.csv")
-        tracker.log_artifacts(run_id, promoted, "promoted")
+        save_model(promoted / "model", checkpoints, _input_example(cfg), promoted / names.OOF, promoted / names.SOLUTION)
+        tracker.log_artifacts(run_id, promoted, names.PROMOTED)
         if not tracker.registered_model_exists(model):
             tracker.create_registered_model(model, f"Promoted trials of the spinesweep study {study_name} "
                                                    f"(space {space}).")
         all_done = sorted(evaluated + missing)
         mv = tracker.create_model_version(
-            model, source=f"{run.info.artifact_uri}/promoted/model", run_id=run_id,
+            model, source=f"{run.info.artifact_uri}/{names.PROMOTED}/model", run_id=run_id,
             tags={"ensemble": ensemble, "trial": str(t.number), "trial_run_id": run_id, "study": study_name,
                   "space": space, "folds": json.dumps(all_done), "oof_score": f"{total.score:.6f}",
                   "conditions": json.dumps(list(cfg.data.conditions))},

@@ -60,7 +60,8 @@ def runs_table(experiment: str, tracking_uri: str | None = None, top: int | None
              "run_id": r["run_id"]} for r in rows]
 
 
-def reproduce(run_id: str, tracking_uri: str | None = None, data_dir: str | None = None, log=print) -> dict:
+def reproduce(run_id: str, tracking_uri: str | None = None, data_dir: str | None = None, log=print,
+              fit_fn=None) -> dict:
     """Re-run a trial from its logged params alone (every TrainConfig field is a param) on the
     folds it evaluated; returns the logged and the reproduced score."""
     tracker = Tracker(tracking_uri)
@@ -73,7 +74,7 @@ def reproduce(run_id: str, tracking_uri: str | None = None, data_dir: str | None
 
     hooks = ProgressFolds(f"reproduce {run_id[:12]}", cfg.optim.epochs, len(folds), log=log)
     try:
-        result = evaluate_folds(cfg, folds, hooks, prefix="spinesweep-repro-").score()
+        result = evaluate_folds(cfg, folds, hooks, fit_fn=fit_fn, prefix="spinesweep-repro-").score()
     finally:
         hooks.close()
     return dict(run_id=run_id, logged_score=run.data.metrics.get("score"), score=result.score,

@@ -189,6 +189,13 @@ class Tracker:
                     monitor.mlflow_logger.flush()
         self.terminate(run_id, status)
 
+    def fail_run(self, run_id: str, reason: str, status: str = "FAILED") -> None:
+        """End a run that did not finish: its `error` tag says why (cut to MLflow's 5,000
+        characters, credentials redacted), then it ends with `status` (FAILED, or KILLED for an
+        interrupted one). The one way every module closes a failed run."""
+        self.set_tags(run_id, {"error": reason})
+        self.end_run(run_id, status)
+
     # ---- reading ----
     def get_run(self, run_id: str):
         """The run, or a TrackingError naming the id when this store has none by that id."""
@@ -234,6 +241,21 @@ class Tracker:
 
     def delete_run(self, run_id: str) -> None:
         _retry(self.client.delete_run, run_id)
+
+    def download_uri(self, artifact_uri: str, dst: str | Path) -> Path:
+        """An artifact by its URI (``runs:/...``, ``models:/...``, a model version's source) into `dst`."""
+        import mlflow.artifacts
+
+        return Path(_retry(mlflow.artifacts.download_artifacts, artifact_uri=artifact_uri, dst_path=str(dst),
+                           tracking_uri=self.uri))
+
+    def load_model(self, model_uri: str):
+        """A logged pyfunc model (``models:/NAME@ALIAS``) from this store's registry."""
+        import mlflow
+        import mlflow.pyfunc
+
+        mlflow.set_tracking_uri(self.uri)  # pyfunc resolves models:/ URIs through the global store
+        return _retry(mlflow.pyfunc.load_model, model_uri)
 
     # ---- the model registry ----
     def registered_model_exists(self, name: str) -> bool:

@@ -42,3 +42,60 @@ def phantom_copy(phantom_dir, tmp_path) -> Path:
 @pytest.fixture(scope="session")
 def layout(phantom_dir) -> Layout:
     return Layout(phantom_dir)
+
+
+QUICK_SPACE = """\
+# the session's shared study (tests/conftest.py quick_study): trained by tests/fakes.quick_fit
+direction: minimize
+fixed:
+  data.conditions: [spinal_canal_stenosis]
+  optim.epochs: 3
+params:
+  optim.lr: {type: float, low: 1.0e-4, high: 1.0e-2, log: true}
+  model.head: {type: categorical, choices: [linear, attention, lstm]}
+sampler: {name: random, seed: 0}
+pruner: {name: median, n_startup_trials: 1, n_warmup_steps: 0}
+folds: [0]
+n_trials: 4
+"""
+# trial 0 completes, 1 is pruned at its first epoch (far worse than 0), 2 fails (quick_fit's lstm
+# raises), 3 completes with the better score
+QUICK_TRIALS = [{"model.head": "linear", "optim.lr": 1e-3}, {"model.head": "attention", "optim.lr": 1e-3},
+                {"model.head": "lstm", "optim.lr": 1e-3}, {"model.head": "linear", "optim.lr": 3e-3}]
+
+
+@pytest.fixture(scope="session")
+def quick_study(phantom_dir, tmp_path_factory) -> Path:
+    """A folder holding one finished study, ``quick``, made once per session through the real
+    launcher (`sweep.study.run_study`) with `tests/fakes.quick_fit` in place of training: its
+    ``studies.db`` and ``mlruns/`` hold a complete, a pruned, a failed and a complete trial (in
+    that order, `QUICK_TRIALS`). Read-only: tests take a copy (`quick_copy`)."""
+    import optuna
+
+    from fakes import quick_fit
+    from sweep.study import run_study
+
+    root = tmp_path_factory.mktemp("quick_study")
+    (root / "quick.yaml").write_text(QUICK_SPACE)
+    old = os.getcwd()
+    os.chdir(root)
+    try:
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        study = optuna.create_study(study_name="quick", storage="sqlite:///studies.db", direction="minimize")
+        for params in QUICK_TRIALS:
+            study.enqueue_trial(params)
+        run_study(str(root / "quick.yaml"), data=str(phantom_dir), resume=True, fit_fn=quick_fit,
+                  log=lambda line: None)
+    finally:
+        os.chdir(old)
+    return root
+
+
+@pytest.fixture
+def quick_copy(quick_study, tmp_path, monkeypatch) -> Path:
+    """A private copy of the session's `quick_study` as the working folder (its default stores).
+    Artifacts stay where the study logged them: read them, do not write new ones."""
+    dst = tmp_path / "work"
+    shutil.copytree(quick_study, dst)
+    monkeypatch.chdir(dst)
+    return dst

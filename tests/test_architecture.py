@@ -7,7 +7,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("trainer", "sweep", "dashboards")
+PACKAGES = ("trainer", "sweep", "dashboards", "spinesweep")  # lowest layer first
 
 
 def _modules() -> dict[str, Path]:
@@ -79,4 +79,14 @@ def test_no_module_imports_another_modules_private_names():
     modules = _modules()
     bad = [f"{m} imports {n} from {t}" for m, p in modules.items() for t, names, _ in _imports(m, p, modules)
            for n in names if n.startswith("_") and t != m]
+    assert not bad, bad
+
+
+def test_no_layer_imports_a_higher_one():
+    """trainer < sweep < dashboards < spinesweep (the command line, which writes the dashboard when
+    a study ends, sits above all three): an import only ever goes down or sideways."""
+    modules = _modules()
+    layer = {pkg: i for i, pkg in enumerate(PACKAGES)}
+    bad = [f"{m} imports {t}" for m, p in modules.items() for t, _, _ in _imports(m, p, modules)
+           if layer[t.split(".")[0]] > layer[m.split(".")[0]]]
     assert not bad, bad

@@ -12,7 +12,7 @@ from optuna.trial import TrialState, create_trial
 from dashboards import figures, info
 from dashboards.browser import chromium, render
 from dashboards.report import write_report
-from sweep.cli import main
+from spinesweep.cli import main
 from sweep.trials import best_trial, without_legacy
 
 DISTS = {"lr": FloatDistribution(1e-4, 1e-2, log=True), "head": CategoricalDistribution(["lstm", "gru"])}

@@ -84,20 +84,20 @@ def test_subset_of_conditions_scores_only_its_groups(phantom_dir, tmp_path):
 def test_train_command_json(phantom_dir, tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text(TrainConfig.from_dict(TINY).to_yaml())
-    r = subprocess.run([sys.executable, "-m", "sweep.cli", "train", "--config", str(cfg), "--data", str(phantom_dir),
+    r = subprocess.run([sys.executable, "-m", "spinesweep", "train", "--config", str(cfg), "--data", str(phantom_dir),
                         "optim.epochs=1", "--json"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     for key in ("score", "groups", "best_epoch", "prior_score", "checkpoint"):
         assert key in out
     assert "epoch" in r.stderr and "train_loss" in r.stderr  # the table went to stderr
-    bad = subprocess.run([sys.executable, "-m", "sweep.cli", "train", "--config", str(cfg), "optim.lrr=1"],
+    bad = subprocess.run([sys.executable, "-m", "spinesweep", "train", "--config", str(cfg), "optim.lrr=1"],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "optim.lrr: unknown config key; did you mean lr" in bad.stderr
 
 
 def test_train_command_names_a_bad_backbone_without_a_traceback(capsys):
-    from sweep.cli import main
+    from spinesweep.cli import main
 
     assert main(["train", "model.backbone=resnet1800", "--data", "/nonexistent"]) == 2
     err = capsys.readouterr().err

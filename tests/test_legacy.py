@@ -8,7 +8,7 @@ import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 
-from sweep.cli import DEFAULT_LOG, main
+from spinesweep.cli import DEFAULT_LOG, main
 from sweep.legacy.importer import entry_metrics, import_log
 from sweep.legacy.mapping import map_entry, new_value, resolve
 from sweep.legacy.parse import LogFormatError, parse_log, parse_result
@@ -346,7 +346,7 @@ def test_warm_start_puts_legacy_trials_before_the_first_sampled_one(workdir, pha
 
 
 def test_a_log_that_is_not_utf8_is_one_line(tmp_path, capsys):
-    from sweep.cli import main
+    from spinesweep.cli import main
 
     bad = tmp_path / "log.txt"
     bad.write_bytes(b"exp001 \xff\xfe resnet\n")

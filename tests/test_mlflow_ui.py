@@ -10,7 +10,7 @@ import urllib.request
 import pytest
 
 from dashboards.browser import chromium, dom
-from sweep.cli import main
+from spinesweep.cli import main
 from sweep.tracking import VIEW_TAG, Tracker, default_tracking_uri, view_url
 
 from helpers import free_port

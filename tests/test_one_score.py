@@ -6,7 +6,7 @@ import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 
-from sweep.cli import main
+from spinesweep.cli import main
 from sweep.query import runs_table
 from sweep.tracking import default_tracking_uri
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from sweep.cli import main
+from spinesweep.cli import main
 
 from helpers import free_port
 

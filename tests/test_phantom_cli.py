@@ -79,7 +79,7 @@ def test_label_priors_are_realistic():
 
 
 def run_cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "sweep.cli", *args], capture_output=True, text=True, cwd=cwd)
+    return subprocess.run([sys.executable, "-m", "spinesweep", *args], capture_output=True, text=True, cwd=cwd)
 
 
 def test_data_check_reports_zero_failures_on_the_phantom(phantom_dir):
@@ -138,7 +138,7 @@ def test_realistic_phantom_has_real_sizes_and_rle_files(real_phantom):
 @pytest.mark.slow
 def test_realistic_phantom_through_data_check_and_one_epoch_of_train(real_phantom, tmp_path):
     cache = tmp_path / "cache"
-    r = subprocess.run([sys.executable, "-m", "sweep.cli", "data", "check", "--data", str(real_phantom),
+    r = subprocess.run([sys.executable, "-m", "spinesweep", "data", "check", "--data", str(real_phantom),
                         "--cache-dir", str(cache), "--json", "--jobs", "2"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     summary = json.loads(r.stdout)
@@ -146,7 +146,7 @@ def test_realistic_phantom_through_data_check_and_one_epoch_of_train(real_phanto
     assert summary["series_decoded"] == len(layout.train_series)  # every series, decoded once
     assert summary["failures"] == {} and summary["crops_built"] >= 0.95 * summary["crops_expected"]
     assert 0 < summary["cache_bytes"] <= summary["cache_budget"]
-    r = subprocess.run([sys.executable, "-m", "sweep.cli", "train", "--data", str(real_phantom), "--json",
+    r = subprocess.run([sys.executable, "-m", "spinesweep", "train", "--data", str(real_phantom), "--json",
                         "model.backbone=test_efficientnet", "model.pretrained=false", "model.head=linear",
                         "optim.epochs=1", "optim.batch_size=4", "data.img_size=64", "data.n_folds=2",
                         f"data.cache_dir={cache}", "augment.crop_shift=0.1", "augment.crop_scale=0.1"],

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from sweep.cli import main
+from spinesweep.cli import main
 from sweep.ensemble import combine
 from sweep.tracking import default_tracking_uri
 from trainer.data.layout import read_labels
@@ -27,6 +27,33 @@ def test_combine_renormalises_over_the_members_that_cover_a_row():
     assert out.loc["1_spinal_canal_stenosis_l1_l2", "normal_mild"] == pytest.approx(0.5)
     assert out.loc["1_left_subarticular_stenosis_l1_l2", "moderate"] == pytest.approx(0.3)  # only a covers it
     assert np.allclose(out.sum(axis=1), 1.0)
+
+
+def test_an_ensemble_of_one_member_weighted_one_is_exactly_that_member():
+    """The guarantee "never worse than the best member" holds exactly, on any processor: keeping one
+    member (weight 1, the others 0) gives that member's own values, and scores over the same rows in
+    the same order give the member's own score to the last bit."""
+    from sweep.ensemble import Member, joint_solution, weighted_score
+
+    rng = np.random.default_rng(0)
+    rows = [f"{s}_{c}_{lv}" for s in (3, 1, 2) for c in ("spinal_canal_stenosis", "left_subarticular_stenosis")
+            for lv in ("l1_l2", "l4_l5")]
+    truth = rng.integers(0, 3, len(rows))
+    sol = pd.DataFrame({"row_id": rows, "normal_mild": (truth == 0) * 1.0, "moderate": (truth == 1) * 1.0,
+                        "severe": (truth == 2) * 1.0, "sample_weight": np.array([1.0, 2.0, 4.0])[truth]})
+    members = []
+    for k in range(3):
+        p = rng.dirichlet(np.ones(3), len(rows)) * rng.uniform(0.9, 1.1, (len(rows), 1))  # not summing to 1
+        oof = pd.DataFrame({"row_id": rows, "normal_mild": p[:, 0], "moderate": p[:, 1], "severe": p[:, 2]})
+        order = rng.permutation(len(rows))  # members' rows come in their own order
+        members.append(Member("m", str(k), str(k), "r", "s", oof.iloc[order], sol.iloc[order]))
+    union = joint_solution(members)
+    for k, m in enumerate(members):
+        one = np.eye(3)[k]
+        picked = combine([x.oof for x in members], one).set_index("row_id")
+        assert (picked.loc[m.oof["row_id"]].to_numpy() == m.oof[["normal_mild", "moderate", "severe"]].to_numpy()).all()
+        own = score_groups(m.solution.sort_values("row_id", ignore_index=True), m.oof).score
+        assert weighted_score(union, [x.oof for x in members], one) == own  # exactly, not approximately
 
 
 @pytest.mark.slow
@@ -83,7 +110,7 @@ def test_promote_ensemble_predict(phantom_dir, tmp_path, monkeypatch, capsys):
     assert main(["ensemble", "--json"]) == 0
     r = json.loads(capsys.readouterr().out)
     assert len(r["members"]) == 2
-    assert r["score"] <= min(m["score"] for m in r["members"]) + 1e-9
+    assert r["score"] <= min(m["score"] for m in r["members"])  # exactly: see the test above
     logged = client.get_run(r["run_id"])
     assert logged.data.metrics["score"] == pytest.approx(r["score"])
     assert client.get_experiment(logged.info.experiment_id).name == "ensembles"

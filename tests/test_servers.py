@@ -18,7 +18,7 @@ def port_open(port: int) -> bool:
 
 
 def start(args, cwd):
-    return subprocess.Popen([sys.executable, "-m", "sweep.cli", *args], cwd=cwd, text=True,
+    return subprocess.Popen([sys.executable, "-m", "spinesweep", *args], cwd=cwd, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from sweep.cli import main
+from spinesweep.cli import main
 from sweep.space import SPACES_DIR
 from sweep.tracking import default_tracking_uri
 
@@ -45,40 +45,42 @@ def test_every_space_runs_a_smoke_study(space, phantom_dir, workdir, capsys):
     assert "trial   0" in out and "optuna-run ui" in out
 
 
-def test_a_study_logs_every_trial_to_mlflow(phantom_dir, workdir, capsys):
-    assert main(["demo", "--smoke", "--n-trials", "3", "--data", str(phantom_dir), "--set", "optim.epochs=2"]) == 0
-    s = study("demo-smoke")
-    assert [t.state for t in s.trials].count(optuna.trial.TrialState.COMPLETE) + \
-        [t.state for t in s.trials].count(optuna.trial.TrialState.PRUNED) == 3
-    runs = {r.info.run_id: r for r in child_runs("demo-smoke")}
-    assert len(runs) == 3
+def assert_every_trial_logged(s: optuna.Study, experiment: str, worker: str = "main") -> None:
+    """Each trial of the study is one MLflow child run of one parent run, with its tags, params,
+    per-epoch curves, system metrics and artifacts, in the state Optuna gave it."""
+    runs = {r.info.run_id: r for r in child_runs(experiment)}
+    assert len(runs) == len(s.trials)
     parents = {r.data.tags["mlflow.parentRunId"] for r in runs.values()}
     assert len(parents) == 1
     client = MlflowClient(default_tracking_uri())
     parent = client.get_run(parents.pop())
-    assert parent.info.status == "FINISHED" and parent.data.tags["study"] == "demo-smoke"
+    assert parent.info.status == "FINISHED" and parent.data.tags["study"] == s.study_name
     for t in s.trials:
         r = runs[t.user_attrs["mlflow_run_id"]]
-        assert r.info.run_name == f"demo-t{t.number}"
-        assert r.data.tags["trial"] == str(t.number) and r.data.tags["study"] == "demo-smoke"
+        assert r.info.run_name.endswith(f"-t{t.number}")
+        assert r.data.tags["trial"] == str(t.number) and r.data.tags["study"] == s.study_name
         for tag in ("worker", "device", "git_commit", "data_fingerprint", "space_file_hash", "version.torch",
                     "version.optuna", "version.mlflow"):
             assert r.data.tags.get(tag), tag
         for k, v in t.params.items():
             assert r.data.tags[f"optuna.{k}"] == str(v)
         # one worker in-process, on what the machine has (TrainConfig.device "auto")
-        assert r.data.tags["worker"] == "main" and r.data.params["device"] == "auto"
+        assert r.data.tags["worker"] == worker and r.data.params["device"] == "auto"
         assert r.data.tags["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
         assert r.data.params["optim.lr"] == str(t.params["optim.lr"])  # the flat config as params
-        history = client.get_metric_history(r.info.run_id, "val_loss")
-        assert [m.step for m in history] == list(range(1, len(history) + 1))
-        for m in ("train_loss", "val_score", "loss_spinal", "lr", "seconds"):
-            assert client.get_metric_history(r.info.run_id, m), m
         # MLflow's own system metrics, so an idle GPU (or a starved CPU) shows in the UI
         assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(r.data.metrics)
         if torch.cuda.is_available():
             assert any(k.startswith("system/gpu_") and k.endswith("utilization_percentage") for k in r.data.metrics)
         artifacts = {a.path for a in client.list_artifacts(r.info.run_id)}
+        if t.state == optuna.trial.TrialState.FAIL:
+            assert r.info.status == "FAILED" and r.data.tags["error"] == t.user_attrs["error"]
+            assert "error.txt" in artifacts
+            continue
+        history = client.get_metric_history(r.info.run_id, "val_loss")
+        assert [m.step for m in history] == list(range(1, len(history) + 1))
+        for m in ("train_loss", "val_score", "loss_spinal", "lr", "seconds"):
+            assert client.get_metric_history(r.info.run_id, m), m
         if t.state == optuna.trial.TrialState.COMPLETE:
             assert r.info.status == "FINISHED" and r.data.metrics["score"] == pytest.approx(t.value)
             assert {"config.yaml", "oof.csv", "confusion.json", "checkpoint.pt", "history.csv"} <= artifacts
@@ -86,8 +88,31 @@ def test_a_study_logs_every_trial_to_mlflow(phantom_dir, workdir, capsys):
             assert r.info.status == "KILLED" and "pruned_at_step" in r.data.tags
 
 
-def test_two_workers_make_exactly_n_distinct_trials(phantom_dir, workdir):
-    assert main(["demo", "--smoke", "--n-trials", "5", "--workers", "2", "--data", str(phantom_dir)]) == 0
+def test_a_study_logs_every_trial_to_mlflow(quick_copy):
+    """Complete, pruned and failed trials, each in MLflow as Optuna has it (the session's study,
+    trained by quick_fit: see tests/conftest.py)."""
+    s = study("quick")
+    assert [t.state.name for t in s.trials] == ["COMPLETE", "PRUNED", "FAIL", "COMPLETE"]
+    assert_every_trial_logged(s, "quick")
+
+
+@pytest.mark.slow
+def test_a_real_study_logs_every_trial_to_mlflow(phantom_dir, workdir):
+    assert main(["demo", "--smoke", "--n-trials", "3", "--data", str(phantom_dir), "--set", "optim.epochs=2"]) == 0
+    s = study("demo-smoke")
+    assert {t.state for t in s.trials} <= {optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED}
+    assert len(s.trials) == 3
+    assert_every_trial_logged(s, "demo-smoke")
+
+
+@pytest.mark.parametrize("fit", ["quick", pytest.param("real", marks=pytest.mark.slow)])
+def test_two_workers_make_exactly_n_distinct_trials(fit, phantom_dir, workdir):
+    from fakes import quick_fit
+    from sweep.study import run_study
+
+    run = dict(data=str(phantom_dir), smoke=True, log=lambda line: None,
+               fit_fn=quick_fit if fit == "quick" else None, pinned={"model.head": "linear"} if fit == "quick" else {})
+    run_study("demo", 5, workers=2, **run)
     s = study("demo-smoke")
     assert len(s.trials) == 5 and len({t.number for t in s.trials}) == 5
     assert {t.state for t in s.trials} <= {optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED}
@@ -96,25 +121,44 @@ def test_two_workers_make_exactly_n_distinct_trials(phantom_dir, workdir):
     # CPU workers train on the CPU even where a GPU is visible, and say so
     assert {(r.data.params["device"], r.data.tags["device"]) for r in runs} == {("cpu", "cpu")}
     # resuming with the same N adds nothing: N is the study's total, and no empty parent run is made
-    assert main(["demo", "--smoke", "--n-trials", "5", "--resume", "--data", str(phantom_dir)]) == 0
-    assert len(study("demo-smoke").trials) == 5
+    outcome = run_study("demo", 5, resume=True, **run)
+    assert outcome.parent_run_id is None and len(study("demo-smoke").trials) == 5
     client = MlflowClient(default_tracking_uri())
     exp = client.get_experiment_by_name("demo-smoke")
     assert len(client.search_runs([exp.experiment_id], "tags.study = 'demo-smoke' and tags.n_trials = '5'")) == 1
 
 
+def test_runs_table_lists_trials_best_first(quick_copy, capsys):
+    assert main(["runs", "quick", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["trial"] for r in rows] == [3, 0, 1, 2]  # scored best first, then the others by number
+    assert [r["state"] for r in rows] == ["COMPLETE", "COMPLETE", "PRUNED", "FAILED"]
+    assert "param:optim.lr" in rows[0] and rows[2]["score"] is not None and rows[3]["score"] is None
+    s = study("quick")
+    assert rows[0]["score"] == pytest.approx(s.trials[3].value)
+    assert main(["runs", "quick", "--top", "1"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split()[:3] == ["trial", "state", "score"] and len(table) == 2
+
+
+def test_reproduce_reruns_a_trial_from_its_logged_params(quick_copy):
+    from fakes import quick_fit
+    from sweep.query import reproduce
+
+    s = study("quick")
+    best = s.trials[3]
+    out = reproduce(best.user_attrs["mlflow_run_id"], log=lambda line: None, fit_fn=quick_fit)
+    assert out["score"] == out["logged_score"] == best.value  # quick_fit is exact; real training: 1e-6 below
+
+
+@pytest.mark.slow
 def test_runs_table_and_reproduce(phantom_dir, workdir, capsys):
     assert main(["demo", "--smoke", "--n-trials", "2", "--data", str(phantom_dir), "--set", "optim.epochs=2",
                  "--set", "augment.preset=light"]) == 0
     capsys.readouterr()
     assert main(["runs", "demo-smoke", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
-    assert len(rows) == 2 and "param:optim.lr" in rows[0]
     scored = [r for r in rows if r["score"] is not None and r["state"] != "PRUNED"]
-    assert scored == sorted(scored, key=lambda r: r["score"])
-    assert main(["runs", "demo-smoke", "--top", "1"]) == 0
-    table = capsys.readouterr().out.splitlines()
-    assert table[0].split()[:3] == ["trial", "state", "score"] and len(table) == 2
     best = scored[0]["run_id"]
     assert main(["reproduce", best, "--json"]) == 0
     captured = capsys.readouterr()
@@ -126,14 +170,16 @@ def test_runs_table_and_reproduce(phantom_dir, workdir, capsys):
 @pytest.mark.parametrize("argv,message", [
     (["scs_head"], "unknown search space 'scs_head'; did you mean scs_heads"),
     (["demo", "--gpus", "7"], "--gpus 7: no GPU with id 7"),
-    (["demo", "--trials-per-gpu", "0"], "--trials-per-gpu must be >= 1"),
+    (["demo", "--trials-per-gpu", "0"], "study: argument --trials-per-gpu: must be positive (got 0)"),
     (["demo", "--workers", "2", "--trials-per-gpu", "2"], "--workers (CPU processes) and --gpus/--trials-per-gpu"),
     (["demo", "--storage", "postgresql://u:secret@127.0.0.1:1/none"], "storage postgresql://u:***@127.0.0.1:1/none cannot be opened"),
     (["demo", "--set", "optim.lrr=1"], "optim.lrr: unknown config key"),
     (["demo", "--study-name", "../../etc/x"], "study name '../../etc/x': use letters, digits"),
-    (["demo", "--n-trials", "0"], "--n-trials must be positive (got 0)"),
-    (["demo", "--n-trials", "-1"], "--n-trials must be positive (got -1)"),
-    (["demo", "--timeout", "-5"], "--timeout must be positive (got -5)"),
+    (["demo", "--n-trials", "0"], "study: argument --n-trials: must be positive (got 0)"),
+    (["demo", "--n-trials", "-1"], "study: argument --n-trials: must be positive (got -1)"),
+    (["demo", "--n-trials", "2.5"], "study: argument --n-trials: expected a whole number, got '2.5'"),
+    (["demo", "--timeout", "-5"], "study: argument --timeout: must be positive (got -5)"),
+    (["demo", "--workers", "0"], "study: argument --workers: must be positive (got 0)"),
     (["demo", "--storage", "sqlite:////nonexistent/dir/x.db"], "folder /nonexistent/dir does not exist"),
     (["demo", "--tracking-uri", "http://u:secret@127.0.0.1:9"], "tracking server http://u:***@127.0.0.1:9 does not answer"),
     (["demo", "--tracking-uri", "postgresql://u:secret@127.0.0.1:1/none"],
@@ -172,7 +218,7 @@ def test_a_heartbeat_that_meets_a_dead_storage_is_not_a_thread_traceback(monkeyp
 
     import sqlalchemy.exc
 
-    from sweep.study import _heartbeat
+    from sweep.heartbeat import heartbeat
 
     class DeadStorage:
         beats = 0
@@ -187,14 +233,15 @@ def test_a_heartbeat_that_meets_a_dead_storage_is_not_a_thread_traceback(monkeyp
     crashed = []
     monkeypatch.setattr(threading, "excepthook", crashed.append)
     storage = DeadStorage()
-    with _heartbeat(storage, 1):
+    with heartbeat(storage, 1):
         time.sleep(0.1)
     assert storage.beats >= 2  # it kept trying (the storage may come back) ...
     assert crashed == []  # ... and never printed a traceback from its thread
 
 
 def test_trials_per_gpu_plans_k_workers_per_device():
-    from sweep.study import StudyError, plan_workers
+    from sweep.storage import StudyError
+    from sweep.workers import plan_workers
 
     specs = plan_workers("0,1", None, 2, available=["0", "1", "2"])
     assert [(w.name, w.gpu, w.device) for w in specs] == [

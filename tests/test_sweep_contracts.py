@@ -11,7 +11,8 @@ from optuna.trial import TrialState, create_trial
 
 from sweep.objective import Reporter
 from sweep.space import PRUNERS, SAMPLERS, SMOKE, Settings, load_space
-from sweep.study import TrialQuota, make_storage
+from sweep.quota import TrialQuota
+from sweep.storage import make_storage
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -42,16 +43,13 @@ def test_the_reporter_reports_the_best_so_far_and_never_prunes_at_the_last_step(
 
 
 def _take_trials(url: str, name: str, n: int, out) -> None:
+    """A worker's use of the quota, through the production code (`TrialQuota.ask`, the one call
+    `loop.worker_loop` makes), with an instant objective."""
     storage = make_storage(url)
     study = optuna.load_study(study_name=name, storage=storage)
-    quota = TrialQuota(url, name)
+    quota = TrialQuota(url, name, n)
     ran = 0
-    while True:
-        with quota.lock(storage):
-            used, _ = quota.used(study)
-            if used >= n:
-                break
-            trial = study.ask()
+    while (trial := quota.ask(study, storage)) is not None:
         study.tell(trial, float(trial.number))
         ran += 1
     out.put(ran)
@@ -84,8 +82,14 @@ def test_the_quota_counts_neither_replaced_nor_imported_nor_interrupted_trials(t
     study.add_trial(create_trial(state=TrialState.FAIL, params={"x": 0.4}, distributions=dist,
                                  user_attrs={"interrupted": True}))  # 4: Ctrl-C, enqueued again
     study.enqueue_trial({"x": 0.4})  # 5: waiting, counts
-    used, waiting = TrialQuota(url, "c").used(study)
+    quota = TrialQuota(url, "c", 3)
+    used, waiting = quota.used(study)
     assert (used, waiting) == (3, 1)
+    trials = study.get_trials(deepcopy=False)
+    assert not quota.full(trials)  # 3 counted, but one of them waits: it is run
+    assert TrialQuota(url, "c", 4).full(trials) is False
+    study.tell(quota.ask(study), 0.5)  # the waiting trial (5) is the one asked for
+    assert quota.full(study.get_trials(deepcopy=False)) and quota.ask(study) is None
 
 
 SPACE = """\

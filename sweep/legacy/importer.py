@@ -226,13 +226,14 @@ def enqueue(resolved: list[Resolved], space_name: str, storage_url: str | None =
     import optuna
 
     from ..space import load_space
-    from ..study import DEFAULT_STORAGE, make_storage
+    from ..storage import make_storage
+    from ..workspace import resolve_storage
 
     space = load_space(space_name)
     study_name = study_name or space.name
     key = _value_key(space.folds)
     summary = EnqueueSummary(space=space.name, study=study_name, value=key or "-")
-    storage = make_storage(storage_url or DEFAULT_STORAGE, None, None)
+    storage = make_storage(resolve_storage(storage_url))
     study = None
     have: set = set()
     try:

@@ -86,7 +86,7 @@ class TrackingServer:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> "TrackingServer":
-        self.proc = subprocess.Popen([sys.executable, "-m", "sweep.cli", "server", "--backend-store-uri", self.backend,
+        self.proc = subprocess.Popen([sys.executable, "-m", "spinesweep", "server", "--backend-store-uri", self.backend,
                                       "--artifacts-destination", str(self.artifacts), "--port", str(self.port),
                                       "--workers", "1"],
                                      cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

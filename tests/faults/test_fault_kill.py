@@ -20,7 +20,7 @@ DONE = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 
 def start(args, cwd, **kw):
     env = dict(os.environ, SPINESWEEP_HEARTBEAT="2", PYTHONUNBUFFERED="1")
-    return subprocess.Popen([sys.executable, "-m", "sweep.cli", *args], cwd=cwd, env=env, text=True,
+    return subprocess.Popen([sys.executable, "-m", "spinesweep", *args], cwd=cwd, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **kw)
 
 

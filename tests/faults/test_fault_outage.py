@@ -24,7 +24,7 @@ DONE = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 def start(args, cwd):
     # MLflow's HTTP client retries with exponential backoff (factor 2 by default: minutes of
     # patience); factor 1 keeps the same behaviour and this test short
-    return subprocess.Popen([sys.executable, "-m", "sweep.cli", *args], cwd=cwd, text=True,
+    return subprocess.Popen([sys.executable, "-m", "spinesweep", *args], cwd=cwd, text=True,
                             env=dict(os.environ, PYTHONUNBUFFERED="1", SPINESWEEP_HEARTBEAT="2",
                                      MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR="1"),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)

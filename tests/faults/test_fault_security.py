@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 from mlflow.tracking import MlflowClient
 
-from sweep.cli import build_parser, check_study_name
+from spinesweep.cli import build_parser
+from sweep.workspace import check_study_name
 from trainer.errors import UserError
 from sweep.tracking import Tracker, redact
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from sweep.cli import main
+from spinesweep.cli import main
 from sweep.tracking import default_tracking_uri
 from trainer.models.heads import _registry, register_head
 from trainer.models.heads.linear import LinearHead
