@@ -31,6 +31,12 @@ ENSEMBLE_EXPERIMENT = "ensembles"
 
 @dataclass
 class Member:
+    """A promoted model version in an ensemble. ``model``/``version``: the registered model and
+    version; ``trial``: its ``trial`` tag (``?`` when absent); ``run_id``/``source``: the version's run
+    and source URI; ``oof``: its out-of-fold predictions in Kaggle form (``row_id, normal_mild, moderate,
+    severe``); ``solution``: the solution frame of the rows it was scored on (`trainer.metric`).
+    ``oof`` and ``solution`` are None when read with ``with_frames=False``."""
+
     model: str
     version: str
     trial: str
@@ -41,11 +47,17 @@ class Member:
 
     @property
     def label(self) -> str:
+        """``<model> v<version> (trial <trial>)``, for messages and tables."""
         return f"{self.model} v{self.version} (trial {self.trial})"
 
 
 def members(tracking_uri: str, name: str = "default", with_frames: bool = True) -> list[Member]:
-    """The registered versions tagged ``ensemble=name``, with their full OOF and labels."""
+    """The registered versions tagged ``ensemble=name``, with their full OOF and labels (unless
+    `with_frames` is False).
+
+    Raises:
+        PromoteError: the ensemble has no members yet (promote a trial first).
+    """
     tracker = Tracker(tracking_uri)
     out = []
     for v in sorted(tracker.model_versions(MODEL_PREFIX), key=lambda v: (v.name, int(v.version))):
@@ -63,6 +75,8 @@ def members(tracking_uri: str, name: str = "default", with_frames: bool = True) 
                 sol = pd.read_csv(tracker.download(v.run_id, f"{names.PROMOTED}/{names.SOLUTION}", tmp))
             shutil.rmtree(tmp, ignore_errors=True)
         out.append(Member(v.name, v.version, v.tags.get("trial", "?"), v.run_id, v.source, oof, sol))
+    if not out:
+        raise PromoteError(f"ensemble {name!r} has no members: promote a trial first (optuna-run promote SPACE)")
     return out
 
 
@@ -123,6 +137,13 @@ def _optimise(sol: pd.DataFrame, frames: list[pd.DataFrame]) -> np.ndarray:
 
 @dataclass
 class EnsembleResult:
+    """A built ensemble. ``method``: how the weights were chosen (``equal``, ``optimized``,
+    ``best_member``, or ``best_member (guard)`` when the cross-fit's pick did worse than the best member
+    on the whole OOF); ``members``: per member its label, run id, score and group losses; ``weights``:
+    one per member, in that order; ``score``/``groups``: the host metric of the combined OOF over the
+    rows the weighted members cover; ``held_out``: the cross-fit scores of ``equal``, ``optimized`` and
+    ``best_member`` (empty when no cross-fit ran); ``run_id``: its run in the ``ensembles`` experiment."""
+
     name: str
     method: str
     members: list[dict]
@@ -134,9 +155,16 @@ class EnsembleResult:
 
 
 def ensemble(tracking_uri: str, name: str = "default", method: str = "optimize") -> EnsembleResult:
+    """Build and log the ensemble `name` from its promoted members. ``method="optimize"`` fits weights
+    (softmax-parametrised, SciPy Nelder-Mead on the host metric) and keeps the candidate (equal,
+    optimised, best single member) that scores best on whole studies held out (scikit-learn's
+    GroupKFold, up to 5 parts), falling back to the best member when it scores better on the whole OOF;
+    any other method, a single member, or a single study gives equal weights.
+
+    Raises:
+        PromoteError: when no registered version is tagged ``ensemble=<name>``.
+    """
     ms = members(tracking_uri, name)
-    if not ms:
-        raise PromoteError(f"ensemble {name!r} has no members: promote a trial first (optuna-run promote SPACE)")
     sol = joint_solution(ms)
     frames = [m.oof for m in ms]
     k = len(ms)

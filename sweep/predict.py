@@ -25,8 +25,6 @@ def predict(data_dir: str, out: str | Path, tracking_uri: str, name: str = "defa
     from trainer.infer import LevelPrior, predict_studies
 
     ms = members(tracking_uri, name, with_frames=False)
-    if not ms:
-        raise PromoteError(f"ensemble {name!r} has no members: promote a trial first (optuna-run promote SPACE)")
     weights = ensemble_weights(tracking_uri, name, ms)
     layout = Layout(Path(data_dir))
     study_ids = sorted(layout.test_series["study_id"].unique().tolist())

@@ -19,6 +19,8 @@ from .evaluate import FoldHooks
 
 
 def enabled(stream=None) -> bool:
+    """Whether live bars are drawn: as ``SPINESWEEP_PROGRESS`` forces (``1``/``0``), otherwise when
+    `stream` (stderr by default) is a terminal."""
     forced = os.environ.get("SPINESWEEP_PROGRESS")
     if forced in ("0", "1"):
         return forced == "1"
@@ -65,6 +67,9 @@ class TrialProgress:
                                        "[{elapsed}<{remaining}{postfix}]")
 
     def at(self, offset: int):
+        """A `fit` callback ``(epoch, metrics)`` for a fold whose epochs come after `offset` epochs
+        of the bar: it moves the bar to ``offset + epoch`` and shows the epoch's ``score`` and the best
+        finite one so far (per the bar's `direction`). Does nothing when bars are off."""
         def callback(epoch: int, metrics: dict) -> None:
             if self.bar is None:
                 return None
@@ -81,6 +86,7 @@ class TrialProgress:
         return callback
 
     def close(self) -> None:
+        """Remove the bar (idempotent)."""
         if self.bar is not None:
             self.bar.close()
             self.bar = None
@@ -96,10 +102,13 @@ class ProgressFolds(FoldHooks):
         self.started = time.perf_counter()
 
     def callbacks(self, i: int, fold: int) -> list:
+        """The inner hooks' callbacks plus the bar's for the i-th fold; starts the fold's clock."""
         self.started = time.perf_counter()
         return self.inner.callbacks(i, fold) + [self.bar.at(i * self.epochs)]
 
     def done(self, i: int, fold: int, result) -> bool:
+        """Report the fold's score and seconds (above the bars on a terminal, through `log`
+        otherwise); returns what the inner hooks' `done` returns (True stops before the next fold)."""
         line = f"{self.label}: fold {fold} done, score {result.score:.4f} ({time.perf_counter() - self.started:.0f} s)"
         if self.bar.bar is not None:
             say(line, sys.stderr)
@@ -108,7 +117,9 @@ class ProgressFolds(FoldHooks):
         return self.inner.done(i, fold, result)
 
     def failed(self, i: int, fold: int, error: BaseException) -> None:
+        """Pass the failure on to the inner hooks."""
         self.inner.failed(i, fold, error)
 
     def close(self) -> None:
+        """Remove the bar."""
         self.bar.close()

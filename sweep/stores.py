@@ -25,6 +25,8 @@ def normalize_db_url(url: str) -> str:
 
 
 def sqlite_path(url: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URL (relative, or absolute with a fourth slash), or None
+    for any other URL."""
     if url.startswith("sqlite:///"):
         return Path(url[len("sqlite:///"):])
     return None

@@ -44,6 +44,32 @@ def layout(phantom_dir) -> Layout:
     return Layout(phantom_dir)
 
 
+@pytest.fixture
+def workdir(tmp_path, monkeypatch) -> Path:
+    """An empty working folder (the default stores go here)."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.fixture(scope="session")
+def mlflow_template(tmp_path_factory) -> Path:
+    """An empty MLflow tracking DB, created (schema migrated) once per session: creating one costs
+    seconds, and most tests that run a study only need one to be there."""
+    from sweep.tracking import Tracker
+
+    db = tmp_path_factory.mktemp("mlflow_template") / "mlflow.db"
+    Tracker(f"sqlite:///{db}")
+    return db
+
+
+@pytest.fixture
+def stores(workdir, mlflow_template) -> Path:
+    """`workdir` with an empty MLflow store in place (``mlruns/mlflow.db``, the default)."""
+    (workdir / "mlruns").mkdir()
+    shutil.copy(mlflow_template, workdir / "mlruns" / "mlflow.db")
+    return workdir
+
+
 QUICK_SPACE = """\
 # the session's shared study (tests/conftest.py quick_study): trained by tests/fakes.quick_fit
 direction: minimize
@@ -65,7 +91,7 @@ QUICK_TRIALS = [{"model.head": "linear", "optim.lr": 1e-3}, {"model.head": "atte
 
 
 @pytest.fixture(scope="session")
-def quick_study(phantom_dir, tmp_path_factory) -> Path:
+def quick_study(phantom_dir, mlflow_template, tmp_path_factory) -> Path:
     """A folder holding one finished study, ``quick``, made once per session through the real
     launcher (`sweep.study.run_study`) with `tests/fakes.quick_fit` in place of training: its
     ``studies.db`` and ``mlruns/`` hold a complete, a pruned, a failed and a complete trial (in
@@ -77,6 +103,8 @@ def quick_study(phantom_dir, tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("quick_study")
     (root / "quick.yaml").write_text(QUICK_SPACE)
+    (root / "mlruns").mkdir()
+    shutil.copy(mlflow_template, root / "mlruns" / "mlflow.db")
     old = os.getcwd()
     os.chdir(root)
     try:

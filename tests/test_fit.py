@@ -1,6 +1,4 @@
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -20,9 +18,18 @@ def tiny(phantom_dir, tmp_path, **over):
     return cfg.with_overrides(over)
 
 
-def test_fit_returns_a_complete_result(phantom_dir, tmp_path):
+@pytest.fixture(scope="session")
+def tiny_fit(phantom_dir, tmp_path_factory):
+    """One 2-epoch fit of the tiny config, shared by the tests that only read its result, with the
+    (epoch, metrics) pairs its callback saw."""
     seen = []
-    r = fit(tiny(phantom_dir, tmp_path), callbacks=[lambda e, m: seen.append((e, m))])
+    out = tmp_path_factory.mktemp("tiny_fit")
+    cfg = TrainConfig.from_dict(TINY).with_overrides({"data.data_dir": str(phantom_dir), "output_dir": str(out)})
+    return fit(cfg, callbacks=[lambda e, m: seen.append((e, m))]), seen
+
+
+def test_fit_returns_a_complete_result(tiny_fit):
+    r, seen = tiny_fit
     assert [e for e, _ in seen] == [1, 2] and len(r.history) == 2
     for key in ("train_loss", "val_loss", "score", "loss_spinal", "loss_foraminal", "loss_subarticular",
                 "loss_any_severe_spinal", "lr", "seconds"):
@@ -43,8 +50,8 @@ def test_fit_returns_a_complete_result(phantom_dir, tmp_path):
     assert r.n_train > r.n_val > 0
 
 
-def test_checkpoint_describes_itself_and_reloads(phantom_dir, tmp_path):
-    r = fit(tiny(phantom_dir, tmp_path, **{"optim.epochs": 1}))
+def test_checkpoint_describes_itself_and_reloads(tiny_fit):
+    r, _ = tiny_fit
     model, cfg, ckpt = load_checkpoint(r.checkpoint)
     assert cfg == r.config and ckpt["label_names"] == ["normal_mild", "moderate", "severe"]
     assert ckpt["epoch"] == r.best_epoch and ckpt["conditions"] == list(cfg.data.conditions)
@@ -53,8 +60,8 @@ def test_checkpoint_describes_itself_and_reloads(phantom_dir, tmp_path):
 
 
 def test_deterministic_on_cpu(phantom_dir, tmp_path):
-    a = fit(tiny(phantom_dir, tmp_path / "a", **{"optim.ema": 0.9, "augment.mixup_p": 0.5}))
-    b = fit(tiny(phantom_dir, tmp_path / "b", **{"optim.ema": 0.9, "augment.mixup_p": 0.5}))
+    a = fit(tiny(phantom_dir, tmp_path / "a", **{"optim.ema": 0.9, "augment.mixup_p": 0.5, "optim.epochs": 1}))
+    b = fit(tiny(phantom_dir, tmp_path / "b", **{"optim.ema": 0.9, "augment.mixup_p": 0.5, "optim.epochs": 1}))
     assert [h["score"] for h in a.history] == pytest.approx([h["score"] for h in b.history], abs=1e-9)
 
 
@@ -81,19 +88,19 @@ def test_subset_of_conditions_scores_only_its_groups(phantom_dir, tmp_path):
     assert r.oof.row_id.str.contains("spinal_canal_stenosis").all()
 
 
-def test_train_command_json(phantom_dir, tmp_path):
+def test_train_command_json(phantom_dir, tmp_path, capsys):
+    from spinesweep.cli import main
+
     cfg = tmp_path / "c.yaml"
     cfg.write_text(TrainConfig.from_dict(TINY).to_yaml())
-    r = subprocess.run([sys.executable, "-m", "spinesweep", "train", "--config", str(cfg), "--data", str(phantom_dir),
-                        "optim.epochs=1", "--json"], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    out = json.loads(r.stdout)
+    assert main(["train", "--config", str(cfg), "--data", str(phantom_dir), "optim.epochs=1", "--json"]) == 0
+    captured = capsys.readouterr()
+    out = json.loads(captured.out)
     for key in ("score", "groups", "best_epoch", "prior_score", "checkpoint"):
         assert key in out
-    assert "epoch" in r.stderr and "train_loss" in r.stderr  # the table went to stderr
-    bad = subprocess.run([sys.executable, "-m", "spinesweep", "train", "--config", str(cfg), "optim.lrr=1"],
-                         capture_output=True, text=True)
-    assert bad.returncode == 2 and "optim.lrr: unknown config key; did you mean lr" in bad.stderr
+    assert "epoch" in captured.err and "train_loss" in captured.err  # the table went to stderr
+    assert main(["train", "--config", str(cfg), "optim.lrr=1"]) == 2
+    assert "optim.lrr: unknown config key; did you mean lr" in capsys.readouterr().err
 
 
 def test_train_command_names_a_bad_backbone_without_a_traceback(capsys):

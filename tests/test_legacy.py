@@ -21,11 +21,6 @@ def write(tmp_path, text: str) -> Path:
     return p
 
 
-@pytest.fixture
-def workdir(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
-
 
 # ------------------------------------------------------------------ parser, on excerpts of the real file
 
@@ -275,21 +270,22 @@ def test_the_real_log():
 # ------------------------------------------------------------------ MLflow and Optuna
 
 
-def test_import_is_idempotent_and_queryable(workdir, capsys):
+@pytest.mark.slow
+def test_import_is_idempotent_and_queryable(stores, capsys):
     assert main(["import-log"]) == 0
     out = capsys.readouterr().out
     assert "189 entries" in out and "189 runs created" in out
     assert main(["import-log"]) == 0
     assert "0 runs created, 0 updated, 189 unchanged" in capsys.readouterr().out
 
-    mlflow.set_tracking_uri(f"sqlite:///{workdir / 'mlruns' / 'mlflow.db'}")
+    mlflow.set_tracking_uri(f"sqlite:///{stores / 'mlruns' / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=["legacy"], order_by=["metrics.cv_fold0 ASC"], max_results=1000)
     assert len(runs) == 189
     best = runs.iloc[0]
     assert best["tags.mlflow.runName"] == "exp127" and best["metrics.cv_fold0"] == 0.3986
     assert best["tags.date"] == "2024-09-11" and best["metrics.lb"] == 0.46
     assert best["params.model.head"] == "lstm_attention" and best["params.amp"] == "false"
-    client = MlflowClient(f"sqlite:///{workdir / 'mlruns' / 'mlflow.db'}")
+    client = MlflowClient(f"sqlite:///{stores / 'mlruns' / 'mlflow.db'}")
     run = client.get_run(best["run_id"])
     assert "full precision training" in run.data.tags["mlflow.note.content"]
     assert run.data.tags["source.lines"] == "3641-3669" and run.data.tags["based_on"] == "exp118"
@@ -323,8 +319,8 @@ n_trials: 2
 
 
 @pytest.mark.slow
-def test_warm_start_puts_legacy_trials_before_the_first_sampled_one(workdir, phantom_dir, capsys):
-    space = workdir / "warm.yaml"
+def test_warm_start_puts_legacy_trials_before_the_first_sampled_one(stores, phantom_dir, capsys):
+    space = stores / "warm.yaml"
     space.write_text(SPACE)
     summary, resolved = import_log(DEFAULT_LOG)
     from sweep.legacy.importer import enqueue

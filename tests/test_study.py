@@ -16,11 +16,6 @@ from sweep.tracking import default_tracking_uri
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture
-def workdir(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
-
 
 def study(name, storage="sqlite:///studies.db"):
     return optuna.load_study(study_name=name, storage=storage)
@@ -34,7 +29,7 @@ def child_runs(experiment):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("space", sorted(p.stem for p in SPACES_DIR.rglob("*.yaml")))
-def test_every_space_runs_a_smoke_study(space, phantom_dir, workdir, capsys):
+def test_every_space_runs_a_smoke_study(space, phantom_dir, stores, capsys):
     assert main([space, "--smoke", "--n-trials", "2", "--data", str(phantom_dir)]) == 0
     s = study(f"{space}-smoke")
     assert len(s.trials) == 2
@@ -97,7 +92,7 @@ def test_a_study_logs_every_trial_to_mlflow(quick_copy):
 
 
 @pytest.mark.slow
-def test_a_real_study_logs_every_trial_to_mlflow(phantom_dir, workdir):
+def test_a_real_study_logs_every_trial_to_mlflow(phantom_dir, stores):
     assert main(["demo", "--smoke", "--n-trials", "3", "--data", str(phantom_dir), "--set", "optim.epochs=2"]) == 0
     s = study("demo-smoke")
     assert {t.state for t in s.trials} <= {optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED}
@@ -106,7 +101,7 @@ def test_a_real_study_logs_every_trial_to_mlflow(phantom_dir, workdir):
 
 
 @pytest.mark.parametrize("fit", ["quick", pytest.param("real", marks=pytest.mark.slow)])
-def test_two_workers_make_exactly_n_distinct_trials(fit, phantom_dir, workdir):
+def test_two_workers_make_exactly_n_distinct_trials(fit, phantom_dir, stores):
     from fakes import quick_fit
     from sweep.study import run_study
 
@@ -152,7 +147,7 @@ def test_reproduce_reruns_a_trial_from_its_logged_params(quick_copy):
 
 
 @pytest.mark.slow
-def test_runs_table_and_reproduce(phantom_dir, workdir, capsys):
+def test_runs_table_and_reproduce(phantom_dir, stores, capsys):
     assert main(["demo", "--smoke", "--n-trials", "2", "--data", str(phantom_dir), "--set", "optim.epochs=2",
                  "--set", "augment.preset=light"]) == 0
     capsys.readouterr()
@@ -203,10 +198,7 @@ def test_a_missing_label_column_stops_the_study_before_any_trial(phantom_copy, w
     assert not (workdir / "studies.db").exists() and not (workdir / "mlruns").exists()
 
 
-def test_reproduce_of_an_unknown_run_is_one_line(workdir, capsys):
-    from sweep.tracking import Tracker
-
-    Tracker()  # an existing, empty store
+def test_reproduce_of_an_unknown_run_is_one_line(stores, capsys):
     assert main(["reproduce", "0123456789abcdef0123456789abcdef"]) == 2
     err = capsys.readouterr().err
     assert "no run '0123456789abcdef0123456789abcdef' in sqlite:///" in err and "Traceback" not in err

@@ -35,6 +35,9 @@ class MetricError(UserError):
 
 @dataclass(frozen=True)
 class ScoreResult:
+    """A host-metric score with its parts: `score` is the plain mean of the ``groups`` losses (lower
+    is better); ``covered`` names the groups the solution had rows for, in `GROUPS` order."""
+
     score: float
     groups: dict[str, float]  # the losses of the covered groups
     covered: tuple[str, ...]

@@ -21,6 +21,8 @@ class EpochTable:
         self.header = False
 
     def progress(self, stage: str, done: int, total: int) -> None:
+        """Move the batch bar of the current `stage` to `done` of `total` batches (on stderr); the
+        bar is created on the first call of an epoch and closed when its row is printed."""
         if self.bar is None:
             self.bar = tqdm(total=total, desc=stage, unit="batch", leave=False, file=sys.stderr)
         self.bar.update(done - self.bar.n)
@@ -37,6 +39,7 @@ class EpochTable:
         print(" ".join(fmt.format(metrics[name]) for name, fmt in COLUMNS) + "  " + groups, file=self.out, flush=True)
 
     def close(self) -> None:
+        """Close a bar still open (a fit that ended mid-epoch)."""
         if self.bar is not None:
             self.bar.close()
 

@@ -75,6 +75,12 @@ def _entry_text(lines: list[str], entry: Entry) -> str:
 
 @dataclass
 class ImportSummary:
+    """What `import_log` did. ``entries``: entries parsed; ``created``/``updated``/``unchanged``: runs
+    made, replaced (the entry's text or mapping changed) and left as they were; ``with_result``: entries
+    stating at least one metric; ``renamed``: entries whose name is not ``expNNN`` (repeated numbers,
+    ``exp164-2``); ``unmapped_*``: setting lines no mapping rule understood (lower-cased; total, distinct,
+    the 8 most common with their counts); ``run_ids``: entry name -> MLflow run id."""
+
     file: str
     experiment: str
     entries: int = 0
@@ -89,6 +95,7 @@ class ImportSummary:
     run_ids: dict[str, str] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
+        """The fields as a JSON-able dict, without ``run_ids``."""
         return {k: v for k, v in self.__dict__.items() if k != "run_ids"}
 
 
@@ -172,6 +179,10 @@ def import_log(path: str | Path, tracking_uri: str | None = None,
 
 @dataclass
 class EnqueueSummary:
+    """What `enqueue` did for one space and study. ``value``: the metric the trials are valued by
+    (``cv_oof`` or ``cv_foldN``; ``-`` when the space's folds map to none); ``added``: entries added as
+    trials; ``already``: entries the study had; ``outside``: entry -> why it was not added."""
+
     space: str
     study: str
     value: str
@@ -180,6 +191,7 @@ class EnqueueSummary:
     outside: dict[str, str] = field(default_factory=dict)  # entry -> why
 
     def as_dict(self) -> dict[str, Any]:
+        """The fields as a JSON-able dict."""
         return dict(self.__dict__)
 
 

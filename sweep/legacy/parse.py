@@ -46,6 +46,8 @@ class Line:
     children: list["Line"] = field(default_factory=list)
 
     def walk(self, depth: int = 0):
+        """Yield ``(line, depth)`` for this line and every sub-bullet below it, depth first in file
+        order; this line has `depth`, its children ``depth + 1``."""
         yield self, depth
         for c in self.children:
             yield from c.walk(depth + 1)
@@ -73,6 +75,10 @@ class Result:
 
 @dataclass
 class Entry:
+    """One experiment of the log: its settings (the bullet tree before the first result), its
+    ``[RESULT]`` lines, keep mark and notes. ``lineno`` is the 1-based line of its ``- **expNNN**`` bullet,
+    ``end_lineno`` its last non-blank line; ``based_on`` is the ``based: expNNN`` entry, lower case."""
+
     name: str               # exp097; a repeated number gets a suffix: exp164-2
     number: int
     date: str | None        # 2024-08-28, from the section heading above it
@@ -87,6 +93,7 @@ class Entry:
 
     @property
     def changed(self) -> list[str]:
+        """The texts of the setting lines (at any depth) written in italics: what changed against the base."""
         return [line.text for top in self.settings for line, _ in top.walk() if line.changed]
 
 

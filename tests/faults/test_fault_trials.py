@@ -44,7 +44,7 @@ def failed_runs(study_name):
     (["model.head=boom"], "boom: the head could not handle its input"),
     (["model.head=oom"], "OutOfMemoryError: CUDA out of memory"),
 ])
-def test_a_failing_trial_is_recorded_and_the_study_goes_on(overrides, reason, faulty_heads, phantom_dir, workdir):
+def test_a_failing_trial_is_recorded_and_the_study_goes_on(overrides, reason, faulty_heads, phantom_dir, stores):
     sets = [a for o in overrides for a in ("--set", o)]
     assert main(["demo", "--smoke", "--n-trials", "2", "--data", str(phantom_dir), *sets]) == 0
     s = optuna.load_study(study_name="demo-smoke", storage="sqlite:///studies.db")

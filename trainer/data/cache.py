@@ -17,6 +17,8 @@ from .layout import Layout
 
 
 def default_cache_dir(configured: str = "") -> Path:
+    """The cache folder: `configured` if given, else ``$SPINESWEEP_CACHE``, else ``~/.cache/spinesweep``
+    (``~`` expanded; nothing is created)."""
     if configured:
         return Path(configured).expanduser()
     env = os.environ.get("SPINESWEEP_CACHE")
@@ -24,6 +26,8 @@ def default_cache_dir(configured: str = "") -> Path:
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` (parent folders created) through a temporary file in the same folder
+    and a rename, so a reader sees the old file or the whole new one, never a partial write."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
     try:

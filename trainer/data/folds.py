@@ -38,6 +38,13 @@ def make_folds(labels: pd.DataFrame, n_folds: int, seed: int) -> pd.DataFrame:
 
 
 def load_folds(layout: Layout, n_folds: int, seed: int, cache_root: Path, fingerprint: str) -> pd.DataFrame:
+    """The saved split of `make_folds` (columns ``study_id, fold``) for this data fingerprint, n_folds and
+    seed, from ``<cache_root>/folds/``; made and written (atomically) when missing, unreadable or not
+    covering exactly the layout's studies.
+
+    Raises:
+        UserError: when it has to be made and there are fewer studies than `n_folds`.
+    """
     path = Path(cache_root) / "folds" / f"{fingerprint}_{n_folds}_{seed}.csv"
     if path.exists():
         try:

@@ -12,6 +12,7 @@ from .dicom import Volume
 
 
 def slice_normal(volume: Volume, index: int = 0) -> np.ndarray:
+    """Unit normal ``(3,)`` of slice `index`'s plane in patient space: row direction x column direction."""
     return volume.normals()[index]
 
 
@@ -33,6 +34,7 @@ def patient_to_pixel(volume: Volume, index: int, point: np.ndarray) -> tuple[flo
 
 
 def slice_center(volume: Volume, index: int) -> np.ndarray:
+    """Patient position ``(3,)`` (mm) of the centre of slice `index`'s image."""
     rows, cols = volume.images[index].shape
     return pixel_to_patient(volume, index, (cols - 1) / 2, (rows - 1) / 2)
 

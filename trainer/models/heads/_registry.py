@@ -23,10 +23,16 @@ def register_head(name: str):
 
 
 def head_names() -> list[str]:
+    """The registered head names, sorted."""
     return sorted(_HEADS)
 
 
 def get_head(name: str) -> type[nn.Module]:
+    """The head class registered as `name`.
+
+    Raises:
+        KeyError: for an unknown name; the message suggests close names and lists the registered ones.
+    """
     if name not in _HEADS:
         raise KeyError(f"unknown head {name!r}{did_you_mean(name, _HEADS, cutoff=0.5)} (registered: {', '.join(head_names())})")
     return _HEADS[name]

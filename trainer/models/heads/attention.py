@@ -10,6 +10,9 @@ from ._registry import register_head
 
 
 class AttentionPool(nn.Module):
+    """Attention pooling with `n_queries` learned queries: each query's softmax weights over the `n_tokens`
+    tokens (plus a learned position embedding) give a weighted mean of the tokens. ``[B, T, D] -> [B, Q, D]``."""
+
     def __init__(self, dim: int, n_tokens: int, n_queries: int, hidden: int):
         super().__init__()
         self.pos = nn.Parameter(torch.zeros(n_tokens, dim))
@@ -17,6 +20,7 @@ class AttentionPool(nn.Module):
         self.query = nn.Parameter(torch.randn(n_queries, hidden) * hidden**-0.5)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, D] -> [B, Q, D]
+        """Token features ``[B, T, D]`` -> one pooled vector per query ``[B, Q, D]``."""
         x = x + self.pos
         weights = torch.softmax(self.key(x) @ self.query.T, dim=1)  # [B, T, Q]
         return weights.transpose(1, 2) @ x
@@ -47,9 +51,15 @@ class _AttentionHead(nn.Module):
 
 @register_head("attention")
 class AttentionHead(_AttentionHead):
+    """``attention``: one attention query per condition over the tokens, then a per-condition linear
+    classifier. Token features ``[B, T, F]`` -> logits ``[B, n_conditions, 3]``."""
+
     use_lstm = False
 
 
 @register_head("lstm_attention")
 class LSTMAttentionHead(_AttentionHead):
+    """``lstm_attention``: a bidirectional LSTM (``cfg.rnn_hidden`` per direction, ``cfg.rnn_layers``)
+    over the tokens, then the ``attention`` head on its outputs. ``[B, T, F]`` -> logits ``[B, n_conditions, 3]``."""
+
     use_lstm = True

@@ -26,9 +26,14 @@ class _RecurrentHead(nn.Module):
 
 @register_head("lstm")
 class LSTMHead(_RecurrentHead):
+    """``lstm``: a bidirectional LSTM (``cfg.rnn_hidden`` per direction, ``cfg.rnn_layers``) over the
+    tokens, its flattened outputs into one linear layer. ``[B, T, F]`` -> logits ``[B, n_conditions, 3]``."""
+
     rnn_cls = nn.LSTM
 
 
 @register_head("gru")
 class GRUHead(_RecurrentHead):
+    """``gru``: as ``lstm`` with a bidirectional GRU. ``[B, T, F]`` -> logits ``[B, n_conditions, 3]``."""
+
     rnn_cls = nn.GRU
