@@ -248,7 +248,7 @@ def _print_summary(outcome, study_name, args, dashboard: str | None = None) -> N
 # ------------------------------------------------------------------ data and training
 
 
-@command("make-phantom", "write a phantom dataset in the RSNA 2024 layout")
+@command("make-phantom", "write a phantom dataset in the RSNA 2024 layout", parents=("json",))
 def define_make_phantom(p: argparse.ArgumentParser) -> Callable:
     p.add_argument("dir", help="the folder to write (created)")
     p.add_argument("--studies", type=int, default=DEFAULT_PHANTOM["studies"], help="training studies (default: %(default)s)")
