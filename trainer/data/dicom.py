@@ -236,6 +236,28 @@ def _only_stored_bits(pixels: np.ndarray, stored: int, signed: bool) -> np.ndarr
     return np.bitwise_and(pixels, np.array((1 << stored) - 1, dtype=pixels.dtype), out=pixels)  # in place
 
 
+def bright_is_high(pixels: np.ndarray, photometric, stored: int, signed: bool, slope=None,
+                   intercept=None) -> np.ndarray:
+    """Pixels in "bright = high signal" form, whatever the header's PhotometricInterpretation
+    (MONOCHROME2 or none: as stored; MONOCHROME1: the lowest value displays white, so the values
+    are mirrored over the stored bit range: ``2**BitsStored - 1 - p`` unsigned, ``-1 - p``
+    signed, the same mirror in rescaled units when `slope`/`intercept` were applied). A scanner
+    or anonymiser that writes MONOCHROME1 would otherwise give every crop inverted contrast.
+    Raises ValueError for an interpretation that is not one grey channel."""
+    kind = str(photometric).strip().upper() if photometric is not None else "MONOCHROME2"
+    if kind == "MONOCHROME2":
+        return pixels
+    if kind != "MONOCHROME1":
+        raise ValueError(f"PhotometricInterpretation {photometric!r}: one grey channel expected (MONOCHROME1/2)")
+    lo, hi = (-(1 << (stored - 1)), (1 << (stored - 1)) - 1) if signed else (0, (1 << stored) - 1)
+    if slope not in (None, 1, 1.0) or intercept not in (None, 0, 0.0) or pixels.dtype.kind == "f":
+        a, b = float(slope if slope is not None else 1), float(intercept or 0)
+        return (np.float32(lo * a + b + hi * a + b) - pixels.astype(np.float32)).astype(np.float32)
+    if signed:  # -1 - p stays inside the signed range of the stored bits (no overflow)
+        return (np.array(-1, dtype=pixels.dtype) - pixels).astype(pixels.dtype)
+    return (np.array(hi, dtype=pixels.dtype) - pixels).astype(pixels.dtype)
+
+
 def read_slice(path: Path):
     """Pixels and geometry of one file, or an exception naming what is wrong with it."""
     buf = path.read_bytes()
@@ -266,6 +288,8 @@ def read_slice(path: Path):
             raise ValueError(f"decoded {pixels.shape}, Rows x Columns say {rows} x {cols}")
         if plain and stored < bits:  # bits above HighBit are not the pixel's (overlays, noise)
             pixels = _only_stored_bits(pixels, stored, bool(signed))
+        if pixels is not None:
+            pixels = bright_is_high(pixels, photometric, stored, bool(signed), *(() if plain else (slope, intercept)))
     else:  # odd or broken file: pydicom raises clean exceptions where dicomsdl would crash
         import pydicom
 
@@ -278,6 +302,11 @@ def read_slice(path: Path):
         for name, v in (("Rows", rows), ("Columns", cols)):
             if not isinstance(v, int) or not 1 <= v <= MAX_SIDE:
                 raise ValueError(f"{name} {v!r} is not an image side (1-{MAX_SIDE})")
+        bits, stored, signed, photometric = (get(k) for k in (
+            "BitsAllocated", "BitsStored", "PixelRepresentation", "PhotometricInterpretation"))
+        reason = value_mismatch(bits, stored, signed, photometric)
+        if reason:
+            raise ValueError(reason)
         try:
             pixels = ds.pixel_array
         except Exception:
@@ -286,6 +315,8 @@ def read_slice(path: Path):
             if isinstance(e, (KeyboardInterrupt, SystemExit)):
                 raise
             raise ValueError(f"pixel data cannot be decoded ({type(e).__name__}: {str(e)[:120]})") from None
+        if getattr(pixels, "ndim", 0) == 2:  # pydicom gives stored values: the same mirror as above
+            pixels = bright_is_high(pixels, photometric, stored, bool(signed))
     for name, value, size in (("ImagePositionPatient", ipp, 3), ("ImageOrientationPatient", iop, 6),
                               ("PixelSpacing", ps, 2)):
         if value is None or len(value) != size:

@@ -45,7 +45,7 @@ from ..errors import UserError
 from .cache import atomic_write_bytes, file_lock
 from .dicom import DicomWarning, Volume, read_series
 
-VOLUME_VERSION = 3  # bump when the decoded pixels change: it invalidates every entry
+VOLUME_VERSION = 4  # bump when the decoded pixels change: it invalidates every entry (4: MONOCHROME1 mirrored)
 DEFAULT_BUDGET = 64 * 2**30  # bytes; the real competition set decodes to about 40 GB (README, Scale)
 EVICT_TO = 0.9  # an eviction frees down to this fraction of the budget, so it does not run per entry
 STALE_SECONDS = 3600  # a temporary file this old belongs to a builder that died
