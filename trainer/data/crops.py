@@ -13,7 +13,8 @@ Blocks, in this order, for the planes in use:
 A crop is square, centred on the point, with half side = ratio x the image's larger side (the
 manual log's `window_ratio`; `axial_window_ratio` for axial), resized to `img_size`. Neighbour
 slices are cropped around the same patient position projected into them. A block whose point or
-series is missing is zeros and its `present` flag is False, with the reason in the flags.
+series is missing, or whose instance number more than one file holds, is zeros and its `present`
+flag is False, with the reason in the flags.
 
 Two steps, so that a new crop spec costs no preprocessing: `plan_study` finds, once per study,
 each block's series, centre slice and point (geometry only, no pixels read); `cut_level` cuts a
@@ -177,7 +178,17 @@ def plan_study(study_id: int, coords: pd.DataFrame, load_volume, planes, axial_s
             flags.append(dict(level=level, block=block, reason="series_unreadable",
                               detail=f"series {r.series_id}: {vol}"))
             return None
-        idx = vol.index_of_instance(int(r.instance_number))
+        hits = vol.slices_of_instance(int(r.instance_number))
+        if len(hits) > 1:  # which file the label meant cannot be known: never guessed
+            files = ", ".join(vol.file_name(i) for i in hits)
+            flags.append(dict(level=level, block=block, reason="labelled_instance_repeated",
+                              detail=f"series {r.series_id} instance {r.instance_number}: files {files}"))
+            if warn:
+                warnings.warn(f"study {study_id} series {r.series_id}: labelled instance {r.instance_number} is "
+                              f"held by {len(hits)} files ({files}); the point is not used ({level} {cond})",
+                              DicomWarning, stacklevel=3)
+            return None
+        idx = hits[0] if hits else None
         if idx is None:
             flags.append(dict(level=level, block=block, reason="instance_missing",
                               detail=f"series {r.series_id} instance {r.instance_number}"))

@@ -33,6 +33,7 @@ class Volume:
     description: str = ""
     patient_position: str = ""
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (file name, reason)
+    files: list[str] = field(default_factory=list)  # (S,) each slice's file name
 
     def __len__(self) -> int:
         return len(self.images)
@@ -45,9 +46,26 @@ class Volume:
             self._normals = np.array([v / np.linalg.norm(v) for v in n]).reshape(-1, 3)
         return self._normals
 
+    def slices_of_instance(self, instance_number: int) -> list[int]:
+        """Every slice index holding `instance_number` (sorted order): one for a sound series."""
+        return [int(i) for i in np.flatnonzero(self.instance_numbers == instance_number)]
+
     def index_of_instance(self, instance_number: int) -> int | None:
-        hits = np.flatnonzero(self.instance_numbers == instance_number)
-        return int(hits[0]) if len(hits) else None
+        """The slice index of an instance number, or None unless exactly one slice holds it: a
+        repeated number cannot say which slice a label meant (`slices_of_instance` tells them
+        apart from a missing one)."""
+        hits = self.slices_of_instance(instance_number)
+        return hits[0] if len(hits) == 1 else None
+
+    def repeated_instances(self) -> dict[int, list[str]]:
+        """Instance numbers that more than one slice holds, with those slices' file names (-1:
+        files without an InstanceNumber)."""
+        numbers, counts = np.unique(self.instance_numbers, return_counts=True)
+        return {int(n): [self.file_name(i) for i in self.slices_of_instance(int(n))]
+                for n, c in zip(numbers, counts) if c > 1}
+
+    def file_name(self, index: int) -> str:
+        return self.files[index] if index < len(self.files) else f"slice {index}"
 
     # --- cache round trip (see cache.py) ---
     def to_arrays(self) -> dict[str, np.ndarray]:
@@ -60,6 +78,7 @@ class Volume:
             description=np.array(self.description),
             patient_position=np.array(self.patient_position),
             skipped=np.array(json.dumps(self.skipped)),
+            files=np.array(json.dumps(self.files)),
         )
         return out
 
@@ -75,6 +94,7 @@ class Volume:
             description=str(arrays["description"]),
             patient_position=str(arrays["patient_position"]),
             skipped=[tuple(x) for x in json.loads(str(arrays["skipped"]))],
+            files=json.loads(str(arrays["files"])) if "files" in arrays else [],
         )
 
 
@@ -413,6 +433,7 @@ def read_series(series_dir: Path) -> Volume:
     rows = _one_series(rows, skip)
     if not rows:
         raise FileNotFoundError(f"{series_dir}: no readable DICOM file among {len(files)}")
+    names = [f.name for f, _ in rows]
     pixels, ipp, iop, ps, inst, desc, ppos, _ = zip(*(r for _, r in rows))
     positions = np.asarray(ipp, dtype=np.float64)
     orientations = np.asarray(iop, dtype=np.float64)
@@ -428,4 +449,5 @@ def read_series(series_dir: Path) -> Volume:
         description=str(desc[0]),
         patient_position=str(ppos[0]),
         skipped=skipped,
+        files=[names[i] for i in order],
     )
