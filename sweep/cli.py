@@ -522,8 +522,10 @@ def define_predict(p: argparse.ArgumentParser) -> Callable:
         out = predict(str(data), args.out, tracking_uri(args), args.ensemble, args.device)
         filled = (f"; conditions no member covers, filled with the training label frequencies: "
                   f"{', '.join(out['filled_with_label_prior'])}" if out["filled_with_label_prior"] else "")
+        fell_back = (f"; {out['fallback_rows']} rows of {len(out['fallback_studies'])} studies fell back to the "
+                     "training label frequencies (their crops could not be built: see above)" if out["fallback_rows"] else "")
         print(f"submission {out['path']}: {out['rows']} rows for {out['studies']} test studies, "
-              f"{len(out['members'])} member(s), weights {[round(w, 3) for w in out['weights']]}{filled}")
+              f"{len(out['members'])} member(s), weights {[round(w, 3) for w in out['weights']]}{filled}{fell_back}")
         return 0
 
     return run

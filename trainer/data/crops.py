@@ -79,6 +79,28 @@ CropSpec.__module__ = __name__  # pickles (DataLoader workers) find it here
 
 BLOCK_PLANE = {"sag_t2": "sag_t2", "sag_t1_left": "sag_t1", "sag_t1_right": "sag_t1", "axial": "axial"}
 BLOCK_ORDER = ("sag_t2", "sag_t1_left", "sag_t1_right", "axial")
+# the block each condition is graded on
+BLOCK_OF_CONDITION = {_SAG_T2_COND: "sag_t2", **{c: b for b, c in _FORAMEN.items()}, **{c: "axial" for c in _RECESS}}
+# the series descriptions a block's point comes from (the axial block, on test studies, from the
+# canal point carried over from Sagittal T2/STIR)
+SERIES_OF_BLOCK = {"sag_t2": ("Sagittal T2/STIR",), "sag_t1_left": ("Sagittal T1",),
+                   "sag_t1_right": ("Sagittal T1",), "axial": ("Axial T2", "Sagittal T2/STIR")}
+
+
+def lacking_conditions(blocks, present, conditions) -> np.ndarray:
+    """Which conditions a sample cannot be graded on: ``(..., len(conditions))`` bool, True where
+    the block the condition is graded on (`BLOCK_OF_CONDITION`) is in use (`blocks`, the spec's
+    block names in order) and not present. `present` is ``(..., len(blocks))`` bool (a sample's
+    flags, or a batch of them). Such a condition gets the training label frequencies, never the
+    model's answer to a blank crop."""
+    present = np.asarray(present, dtype=bool)
+    names = list(blocks)
+    out = np.zeros(present.shape[:-1] + (len(conditions),), dtype=bool)
+    for c, cond in enumerate(conditions):
+        block = BLOCK_OF_CONDITION[cond]
+        if block in names:
+            out[..., c] = ~present[..., names.index(block)]
+    return out
 
 
 def crop_resize(image: np.ndarray, x: float, y: float, ratio: float, size: int) -> np.ndarray:
