@@ -527,9 +527,11 @@ def predict(args: argparse.Namespace) -> int:
     out = submit(str(data_dir), args.out, _tracking(args), args.ensemble, args.device)
     filled = (f"; conditions no member covers, filled with the training label frequencies: "
               f"{', '.join(out['filled_with_label_prior'])}" if out["filled_with_label_prior"] else "")
+    fell_back = (f"; {out['fallback_rows']} rows of {len(out['fallback_studies'])} studies fell back to the "
+                 "training label frequencies (their crops could not be built: see above)" if out["fallback_rows"] else "")
     return emit(args, out, lambda: print(
         f"submission {out['path']}: {out['rows']} rows for {out['studies']} test studies, "
-        f"{len(out['members'])} member(s), weights {[round(w, 3) for w in out['weights']]}{filled}"))
+        f"{len(out['members'])} member(s), weights {[round(w, 3) for w in out['weights']]}{filled}{fell_back}"))
 
 
 # ------------------------------------------------------------------ the manual log

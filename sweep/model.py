@@ -3,7 +3,9 @@
 
     model = mlflow.pyfunc.load_model("models:/spinesweep-demo@trial_5")
     rows = model.predict(pd.DataFrame({"data_dir": ["data/phantom"], "study_id": [1631507118]}))
-    # row_id, normal_mild, moderate, severe: the 25 rows of each study the model covers
+    # row_id, normal_mild, moderate, severe: the 25 rows of each study the model covers, and
+    # fallback: empty, or why the row holds the training label frequencies (its crop could not
+    # be built: a series missing or unreadable, no slice near the point)
 
 The checkpoints of every fold it was trained on are the model's artifacts; predictions are the
 mean over them (`trainer.infer.predict_studies`). `params={"split": "train", "device": "cuda"}`
@@ -40,7 +42,7 @@ class PromotedModel(mlflow.pyfunc.PythonModel):
             frames.append(predict_studies(self.checkpoints, data_dir, [int(s) for s in group["study_id"]],
                                           split=params.get("split", "test"), device=params.get("device", "cpu")))
         if not frames:
-            return pd.DataFrame(columns=["row_id", *TARGET_COLUMNS])
+            return pd.DataFrame(columns=["row_id", *TARGET_COLUMNS, "fallback"])
         return pd.concat(frames, ignore_index=True)
 
 
@@ -50,7 +52,8 @@ def signature():
 
     return ModelSignature(
         inputs=Schema([ColSpec("string", "data_dir"), ColSpec("long", "study_id")]),
-        outputs=Schema([ColSpec("string", "row_id"), *(ColSpec("double", c) for c in TARGET_COLUMNS)]),
+        outputs=Schema([ColSpec("string", "row_id"), *(ColSpec("double", c) for c in TARGET_COLUMNS),
+                        ColSpec("string", "fallback", required=False)]),
         params=ParamSchema([ParamSpec("split", "string", "test"), ParamSpec("device", "string", "cpu")]))
 
 

@@ -1,6 +1,9 @@
 """Predict: every member of an ensemble on the test studies (`trainer.infer`), combined with the
 ensemble's weights, rows the ensemble does not cover filled with the training label frequencies,
-written in the exact ``sample_submission.csv`` form."""
+written in the exact ``sample_submission.csv`` form. A member that could not build a row's crop
+(a series missing or unreadable, no slice near the point) answers it with its training label
+frequencies (its ``fallback`` column says why): one line per such study says what was missing
+and what was done, and the result counts the rows."""
 from __future__ import annotations
 
 import shutil
@@ -32,7 +35,7 @@ def predict(data_dir: str, out: str | Path, tracking_uri: str, name: str = "defa
         raise PromoteError(f"{data_dir}: test_series_descriptions.csv lists no study")
     prior = LevelPrior.fit(layout)
     tracker = Tracker(tracking_uri)
-    frames, used = [], []
+    frames, used, fallbacks = [], [], []
     for m, w in zip(ms, weights):
         if w <= 0:
             log(f"predict: {m.label} has weight 0 in the ensemble: skipped")
@@ -44,6 +47,7 @@ def predict(data_dir: str, out: str | Path, tracking_uri: str, name: str = "defa
             model = tracker.load_model(uri)
             frames.append(model.predict(pd.DataFrame({"data_dir": [str(Path(data_dir).resolve())] * len(study_ids),
                                                       "study_id": study_ids}), params={"device": device}))
+            fallbacks.append(_fallback_rows(frames[-1], m.label))
             continue
         # a version promoted before models were logged: its checkpoints, as they were stored
         tmp = Path(tempfile.mkdtemp(prefix="spinesweep-predict-"))
@@ -51,7 +55,11 @@ def predict(data_dir: str, out: str | Path, tracking_uri: str, name: str = "defa
                  if n.endswith(".pt")]
         log(f"predict: {m.label} on {len(study_ids)} test studies ({len(ckpts)} fold checkpoints)")
         frames.append(predict_studies(ckpts, data_dir, study_ids, prior=prior, device=device))
+        fallbacks.append(_fallback_rows(frames[-1], m.label))
         shutil.rmtree(tmp, ignore_errors=True)
+    fell_back = pd.concat(fallbacks, ignore_index=True) if fallbacks else pd.DataFrame(columns=["row_id"])
+    for line in fallback_lines(fell_back):
+        log(line)
     pred = combine(frames, np.asarray(used)).set_index("row_id")
     fallback = class_prior(layout.labels)
     sample = layout.root / "sample_submission.csv"
@@ -75,4 +83,38 @@ def predict(data_dir: str, out: str | Path, tracking_uri: str, name: str = "defa
     out.parent.mkdir(parents=True, exist_ok=True)
     sub.to_csv(out, index=False)
     return {"path": str(out), "rows": len(sub), "studies": len(study_ids), "members": [m.label for m in ms],
-            "weights": weights, "filled_with_label_prior": sorted(filled)}
+            "weights": weights, "filled_with_label_prior": sorted(filled),
+            "fallback_rows": int(sub["row_id"].isin(set(fell_back["row_id"])).sum()),
+            "fallback_studies": sorted({int(r.split("_")[0]) for r in fell_back["row_id"]})}
+
+
+def _fallback_rows(frame: pd.DataFrame, member: str) -> pd.DataFrame:
+    """The rows a member answered with its training label frequencies (row_id, member, why).
+    Models registered before the ``fallback`` column existed have none to report."""
+    if "fallback" not in frame.columns:
+        return pd.DataFrame(columns=["row_id", "member", "why"])
+    hit = frame[frame["fallback"].fillna("").astype(str) != ""]
+    return pd.DataFrame({"row_id": hit["row_id"].to_numpy(), "member": member, "why": hit["fallback"].to_numpy()})
+
+
+def fallback_lines(rows: pd.DataFrame) -> list[str]:
+    """One line per test study with fallback rows: what was missing (each distinct reason, its
+    conditions and levels) and what was done."""
+    from trainer.data.layout import parse_row_ids
+
+    if rows.empty:
+        return []
+    parsed = parse_row_ids(rows["row_id"]).reset_index(drop=True)
+    rows = rows.reset_index(drop=True).assign(study=parsed["study_id"].astype(int), condition=parsed["condition"],
+                                              level=parsed["level"])
+    lines = []
+    for study, g in rows.groupby("study", sort=True):
+        parts = []
+        for why, h in g.groupby("why", sort=False):
+            conds = ", ".join(dict.fromkeys(h["condition"]))
+            levels = sorted(set(h["level"]))
+            where = "all 5 levels" if len(levels) == 5 else ", ".join(levels)
+            parts.append(f"{why}: {conds} at {where}")
+        lines.append(f"predict: study {study}: " + "; ".join(parts) + f" -> {g['row_id'].nunique()} rows given the "
+                     "training label frequencies (no crop to show the model)")
+    return lines

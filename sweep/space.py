@@ -153,6 +153,7 @@ class SearchSpace:
         cfg = cfg.with_overrides(settings.pinned)
         if settings.data_dir:
             cfg = cfg.with_overrides({"data.data_dir": settings.data_dir})
+        check_buildable(cfg)
         return cfg
 
     def suggest(self, trial: optuna.Trial, base: TrainConfig, never=()) -> dict[str, Any]:
@@ -191,6 +192,24 @@ class SearchSpace:
     def fold_wise(self) -> bool:
         """Wilcoxon compares trials fold by fold: it gets one report per fold, not per epoch."""
         return self.pruner["name"] == "wilcoxon"
+
+
+def check_buildable(cfg: TrainConfig) -> None:
+    """Raise ConfigError, naming the key, for a config whose named parts cannot be built: a
+    backbone (with its pretrained tag) timm does not have, an unknown head, an augmentation op or
+    argument the installed albumentations refuses. Builds no model; called on every assembled
+    config, so a study refuses before its first trial instead of failing each one."""
+    from trainer.augment import check_augment
+    from trainer.models import check_backbone, check_head
+
+    for key, check, value in (("model.backbone", check_backbone, cfg.model.backbone),
+                              ("model.head", check_head, cfg.model.head),
+                              ("augment", check_augment, cfg.augment)):
+        try:
+            check(value)
+        except ConfigError as e:
+            msg = str(e)
+            raise ConfigError(msg if msg.startswith(key) else f"{key}: {msg}") from None
 
 
 def available_spaces() -> list[str]:
@@ -242,6 +261,7 @@ def load_space(name_or_path: str) -> SearchSpace:
         raise err("fixed", "must be a mapping of config keys to values")
     try:
         base = TrainConfig().with_overrides(fixed)
+        check_buildable(base)
     except ConfigError as e:
         raise err("fixed", str(e)) from None
     smoke = raw.get("smoke") or {}

@@ -6,7 +6,9 @@ crash of a native decoder shows as an exit code instead of killing pytest).
 Each mutant changes one header field of a valid file (native or RLE, 8 or 16 bits) and is read
 twice: by `trainer.data.dicom.read_slice` and by pydicom's pure-Python decoders. The reader must
 either refuse the file (an exception, which `read_series` turns into a skipped slice) or return
-exactly the pixels pydicom decodes. Prints one JSON line: counts and every disagreement.
+exactly the pixels pydicom decodes, in "bright = high signal" form (a MONOCHROME1 file mirrored
+over its stored bits, computed here from pydicom's header), and exactly the InstanceNumber pydicom
+reads (-1 when there is none). Prints one JSON line: counts and every disagreement.
 """
 from __future__ import annotations
 
@@ -34,7 +36,9 @@ US_VALUES = {
 SYNTAXES = [b"1.2.840.10008.1.2.1\0", b"1.2.840.10008.1.2.5\0", b"1.2.840.10008.1.2.2\0"]
 # strings, rewritten by pydicom (it keeps the pixel data as it is)
 STRINGS = {"NumberOfFrames": ["0", "1", "2", "1000"],
-           "PhotometricInterpretation": ["MONOCHROME1", "RGB", "PALETTE COLOR", "YBR_FULL"]}
+           "PhotometricInterpretation": ["MONOCHROME1", "MONOCHROME2", "RGB", "PALETTE COLOR", "YBR_FULL",
+                                         "MONOCHROME", "ARGB", "monochrome1"],
+           "InstanceNumber": ["0", "-5", "5046", "2147483647", "99999999999", None]}  # None: deleted
 
 
 def _patch_us(buf: bytes, group: int, element: int, value: int) -> bytes:
@@ -65,7 +69,11 @@ def mutants(seed: Path, out: Path) -> list[Path]:
     for field, values in STRINGS.items():
         for k, value in enumerate(values):
             ds = pydicom.dcmread(seed)
-            setattr(ds, field, value)
+            if value is None:
+                if field in ds:
+                    delattr(ds, field)
+            else:
+                setattr(ds, field, value)
             path = out / f"{seed.stem}-{field}-{k}.dcm"
             ds.save_as(path, enforce_file_format=False)
             paths.append(path)
@@ -73,12 +81,19 @@ def mutants(seed: Path, out: Path) -> list[Path]:
 
 
 def reference(path: Path):
-    """pydicom's pure-Python decode, or None where it cannot decode the file."""
+    """pydicom's pure-Python decode as (pixels, instance number), pixels "bright = high signal"
+    (MONOCHROME1 mirrored over the stored bits: max - p unsigned, -1 - p signed), or None where it
+    cannot decode the file."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             ds = pydicom.dcmread(path)
-            return np.asarray(ds.pixel_array)
+            pixels = np.asarray(ds.pixel_array).astype(np.int64)
+            if ds.get("PhotometricInterpretation") == "MONOCHROME1":
+                stored = int(ds.BitsStored)
+                pixels = (-1 - pixels) if ds.PixelRepresentation == 1 else ((1 << stored) - 1 - pixels)
+            inst = ds.get("InstanceNumber")
+            return pixels, (-1 if inst is None or inst == "" else int(inst))
     except (Exception, BaseException) as e:  # pyo3 decoders (pylibjpeg-rle) panic with a BaseException
         if isinstance(e, KeyboardInterrupt):
             raise
@@ -93,19 +108,25 @@ def main(folder: str) -> int:
     out.mkdir(exist_ok=True)
     files = [p for seed in sorted((folder / "seed").glob("*.dcm")) for p in mutants(seed, out)]
     counts, bad = {"files": len(files), "skipped": 0, "equal": 0}, []
+    equal_by_field: dict[str, int] = {}  # decoded exactly, per mutated field (`<seed>-<field>-<value>`)
     for path in files:
         try:
-            pixels = read_slice(path).pixels
+            read = read_slice(path)
         except Exception:
             counts["skipped"] += 1
             continue
-        ref = reference(path)
-        if ref is not None and ref.shape == pixels.shape and np.array_equal(ref.astype(np.int64), pixels.astype(np.int64)):
+        pixels = read.pixels
+        got = reference(path)
+        ref, inst = got if got is not None else (None, None)
+        if (ref is not None and ref.shape == pixels.shape and np.array_equal(ref, pixels.astype(np.int64))
+                and read.instance == inst):
             counts["equal"] += 1
+            field = path.stem.split("-")[1]
+            equal_by_field[field] = equal_by_field.get(field, 0) + 1
         else:
-            bad.append(f"{path.name}: reader {pixels.shape} {pixels.dtype}, pydicom "
-                       f"{None if ref is None else (ref.shape, str(ref.dtype))}")
-    print(json.dumps(dict(counts, disagreements=bad)))
+            bad.append(f"{path.name}: reader {pixels.shape} {pixels.dtype} instance {read.instance}, pydicom "
+                       f"{None if ref is None else (ref.shape, str(ref.dtype))} instance {inst}")
+    print(json.dumps(dict(counts, equal_by_field=equal_by_field, disagreements=bad)))
     return 0
 
 

@@ -36,3 +36,41 @@ def test_op_lists_and_their_errors():
         build_augment(AugmentConfig(ops=({"name": "Blur", "p": 2},)))
     with pytest.raises(ValueError, match="unknown preset 'lite'; did you mean light"):
         build_augment(AugmentConfig(preset="lite"))
+
+
+@pytest.mark.parametrize("op,args,message", [
+    ("GaussNoise", {"var_limit": [10, 50]}, r"argument 'var_limit' .* replaced it with std_range"),
+    ("CoarseDropout", {"max_holes": 8, "max_height": 16, "max_width": 16},
+     r"argument 'max_holes' .* replaced it with num_holes_range"),
+    ("ShiftScaleRotate", {"shift_limit": 0.1, "value": 0}, r"argument 'value' .* replaced it with fill"),
+    ("OpticalDistortion", {"distort_limit": 0.1, "shift_limit": 0.1}, r"argument 'shift_limit' .* removed it, with no replacement"),
+    ("Blur", {"blur_limit": 3, "always_apply": True}, r"argument 'always_apply' .* replaced it with p=1"),
+    ("Blur", {"blur_limt": 3}, r"argument 'blur_limt' .*; did you mean blur_limit\?"),
+    ("RandomBrightnessContrast", {"brightness": 0.2}, r"argument 'brightness' is not accepted"),
+])
+def test_an_argument_albumentations_does_not_take_is_an_error_naming_op_and_argument(op, args, message):
+    """albumentations 2 only warns and uses its default for such an argument: the run would say
+    one thing in its params and do another."""
+    with pytest.raises(ValueError, match=rf"augment.ops\[1\] \({op}\): {message}"):
+        build_augment(AugmentConfig(ops=({"name": "HorizontalFlip"}, {"name": op, "p": 0.5, **args})))
+
+
+def test_a_value_albumentations_rejects_is_one_line():
+    with pytest.raises(ValueError, match=r"augment.ops\[0\] \(Blur\): .*blur_limit") as e:
+        build_augment(AugmentConfig(ops=({"name": "Blur", "blur_limit": "x"},)))
+    assert "\n" not in str(e.value)
+
+
+def test_stale_arguments_translate_where_the_meaning_carries_over():
+    from trainer.augment import translate_v1
+
+    args, kept = translate_v1("GaussNoise", {"var_limit": (10, 50), "p": 0.3})
+    assert kept == {} and args["p"] == 0.3
+    assert args["std_range"] == pytest.approx((10 ** 0.5 / 255, 50 ** 0.5 / 255), abs=1e-6)
+    args, kept = translate_v1("CoarseDropout", {"max_holes": 8, "max_height": 0.2, "min_width": 4, "max_width": 16})
+    assert args == {"num_holes_range": (8, 8), "hole_height_range": (0.2, 0.2), "hole_width_range": (4, 16)}
+    args, kept = translate_v1("OpticalDistortion", {"distort_limit": 0.1, "shift_limit": 0.1})
+    assert args == {"distort_limit": 0.1} and kept == {"shift_limit": 0.1}
+    for op, given in (("GaussNoise", {"var_limit": (10, 50)}), ("CoarseDropout", {"max_holes": 2, "max_height": 0.2})):
+        built = build_augment(AugmentConfig(ops=({"name": op, **translate_v1(op, given)[0]},)))
+        assert built is not None  # the translation is accepted by the installed albumentations

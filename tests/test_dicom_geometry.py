@@ -182,3 +182,66 @@ def test_a_slice_of_another_series_or_plane_is_skipped_with_a_warning(tmp_path):
     assert any("8.dcm: slice of another series skipped (SeriesInstanceUID 1.2.3.4 while 5 of 6" in m for m in messages)
     assert any("7.dcm: slice of another series skipped (axial slice among 4 sagittal slices of 5)" in m
                for m in messages), messages
+
+
+def _rewrite_monochrome1(folder, signed=False):
+    """Every file of a folder as the same picture in MONOCHROME1 (low values display white):
+    ``max - p`` over the stored bits, native files stay native, RLE files are re-encoded RLE."""
+    import pydicom
+    from pydicom.uid import RLELossless
+
+    for f in sorted(folder.glob("*.dcm")):
+        ds = pydicom.dcmread(f)
+        p = ds.pixel_array.astype(np.int64)
+        inverted = (-1 - p) if signed else ((1 << int(ds.BitsStored)) - 1 - p)
+        arr = inverted.astype(ds.pixel_array.dtype)
+        ds.PhotometricInterpretation = "MONOCHROME1"
+        if ds.file_meta.TransferSyntaxUID == RLELossless:
+            ds.compress(RLELossless, arr, encoding_plugin="pydicom")
+        else:
+            ds.PixelData = arr.tobytes()
+        ds.save_as(f, enforce_file_format=False)
+
+
+def test_monochrome1_reads_as_bright_high_signal_native_and_rle(tmp_path):
+    """A series stored as MONOCHROME1 (it displays the same in any viewer) gives the same volume
+    as its MONOCHROME2 original, never an inverted one."""
+    a, b = tmp_path / "m2", tmp_path / "m1"
+    write_sagittal(a, [0.0, 3.0, 6.0, 9.0], [1, 2, 3, 4], dots=[(5, 6), (7, 8), None, (9, 9)], rle_every=2)
+    shutil.copytree(a, b)
+    _rewrite_monochrome1(b)
+    import pydicom
+
+    assert {pydicom.dcmread(f).PhotometricInterpretation for f in b.glob("*.dcm")} == {"MONOCHROME1"}
+    assert {str(pydicom.dcmread(f).file_meta.TransferSyntaxUID) for f in b.glob("*.dcm")} == {
+        "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.5"}  # both decoder paths
+    m2, m1 = read_series(a), read_series(b)
+    assert len(m1) == len(m2) == 4 and not m1.skipped
+    for x, y in zip(m2.images, m1.images):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_monochrome1_signed_and_through_the_pydicom_fallback(tmp_path):
+    from trainer.data.dicom import bright_is_high, read_slice
+
+    signed = tmp_path / "signed.dcm"  # pydicom's MR_small: signed 16-bit, BitsStored 16
+    shutil.copy(get_testdata_file("MR_small.dcm"), signed)
+    original = read_slice(signed).pixels.astype(np.int64)
+    _rewrite_monochrome1(tmp_path, signed=True)
+    np.testing.assert_array_equal(read_slice(signed).pixels.astype(np.int64), original)
+    # the pydicom path (a file dicomsdl is not given): big endian goes there
+    import pydicom
+
+    ds = pydicom.dcmread(get_testdata_file("MR_small_bigendian.dcm"))
+    big = tmp_path / "big.dcm"
+    shutil.copy(get_testdata_file("MR_small_bigendian.dcm"), big)
+    ref = read_slice(big).pixels.astype(np.int64)
+    ds.PhotometricInterpretation = "MONOCHROME1"
+    ds.save_as(big, enforce_file_format=False)
+    assert np.corrcoef(read_slice(big).pixels.astype(np.int64).ravel(), ref.ravel())[0, 1] == pytest.approx(-1)
+    np.testing.assert_array_equal(bright_is_high(np.array([0, 4095], np.uint16), "MONOCHROME1", 12, False),
+                                  [4095, 0])
+    np.testing.assert_array_equal(bright_is_high(np.array([-2048, 2047], np.int16), "MONOCHROME1", 12, True),
+                                  [2047, -2048])
+    with pytest.raises(ValueError, match="PALETTE COLOR"):
+        bright_is_high(np.zeros(2, np.uint16), "PALETTE COLOR", 12, False)

@@ -145,3 +145,13 @@ def test_loader_workers_follow_the_core_share():
         assert loader_workers(-1, torch.device("cuda")) == 1
     finally:
         torch.set_num_threads(threads)
+
+
+def test_train_command_names_an_unknown_pretrained_tag_without_a_traceback(capsys):
+    from spinesweep.cli import main
+
+    assert main(["train", "model.backbone=resnet10t.no_such_tag", "--data", "/nonexistent"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown pretrained tag 'no_such_tag' of timm backbone 'resnet10t'" in err and "Traceback" not in err
+    assert main(["train", "augment.ops=[{name: GaussNoise, var_limit: [10, 50]}]", "--data", "/nonexistent"]) == 2
+    assert "'var_limit' is not accepted" in capsys.readouterr().err

@@ -348,3 +348,39 @@ def test_a_log_that_is_not_utf8_is_one_line(tmp_path, capsys):
     bad.write_bytes(b"exp001 \xff\xfe resnet\n")
     assert main(["import-log", str(bad)]) == 2
     assert "log.txt: cannot read the log ('utf-8' codec can't decode" in capsys.readouterr().err
+
+
+EXCERPT_V1_ARGUMENTS = """
+# 9.30
+
+- **exp140**
+    - add augment
+        - Noise
+            - var_limit 0.1 to 0.2
+        - CroarseDropout (Cutout)
+            - *increase cutout size ratio 0.2 from 0.1 and reduce number of box to 2 instead 4*
+        - Blur
+            - *adjust gaussnoise range from 5,9 to 0.0,0.1*
+        - Distortion
+            - shift_limit 0.05
+    - [RESULT] fold0 CV: 0.4249, LB:
+"""
+
+
+def test_albumentations_1x_settings_become_albumentations_2_arguments(tmp_path):
+    """The log was written against albumentations 1.x: a setting whose meaning carries over is an
+    argument the installed albumentations takes (so the run does what the log says), the rest
+    stays verbatim."""
+    from trainer.augment import build_augment
+    from trainer.config import TrainConfig
+
+    (r,) = resolve(parse_log(write(tmp_path, EXCERPT_V1_ARGUMENTS)))
+    ops = {op["name"]: op for op in r.params["augment.ops"]}
+    assert ops["GaussNoise"]["std_range"] == pytest.approx([0.1 ** 0.5 / 255, 0.2 ** 0.5 / 255], abs=1e-6)
+    assert ops["CoarseDropout"] == {"name": "CoarseDropout", "num_holes_range": [2, 2],
+                                    "hole_height_range": [0.2, 0.2], "hole_width_range": [0.2, 0.2]}
+    assert ops["Blur"] == {"name": "Blur"} and ops["OpticalDistortion"] == {"name": "OpticalDistortion"}
+    assert "augment Blur: adjust gaussnoise range from 5,9 to 0.0,0.1" in r.own.unmapped
+    assert "augment Distortion: shift_limit 0.05" in r.own.unmapped  # removed in albumentations 2
+    assert not any("var_limit" in u or "cutout size" in u for u in r.own.unmapped)
+    assert build_augment(TrainConfig().with_overrides({"augment.ops": r.params["augment.ops"]}).augment) is not None

@@ -51,6 +51,12 @@ def test_unknown_names_fail_with_suggestions():
     with pytest.raises(ValueError, match="unknown timm backbone 'tf_efficientnet_b00'; did you mean tf_efficientnet_b0"):
         check_backbone("tf_efficientnet_b00")
     check_backbone("tf_efficientnet_b0.ns_jft_in1k")  # a pretrained tag is fine
+    # a tag timm does not have fails here, not inside every trial's timm.create_model
+    with pytest.raises(ValueError, match=r"unknown pretrained tag 'no_such_tag' of timm backbone 'resnet10t'; "
+                                         r"did you mean resnet10t.c3_in1k\?"):
+        check_backbone("resnet10t.no_such_tag")
+    with pytest.raises(ValueError, match=r"unknown pretrained tag 'ns_jft_in1'.*did you mean tf_efficientnet_b0.ns_jft_in1k"):
+        check_backbone("tf_efficientnet_b0.ns_jft_in1")
     with pytest.raises(ValueError, match="unknown head 'lstn'; did you mean lstm"):
         build_model(ModelConfig(backbone="test_efficientnet", head="lstn", pretrained=False), 3, 1)
 

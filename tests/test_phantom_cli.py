@@ -154,3 +154,47 @@ def test_realistic_phantom_through_data_check_and_one_epoch_of_train(real_phanto
     assert r.returncode == 0, r.stderr[-2000:]
     out = json.loads(r.stdout)
     assert out["n_train"] > 0 and np.isfinite(out["score"]) and len(out["history"]) == 1
+
+
+def test_a_repeated_instance_number_is_reported_and_never_moves_a_label(phantom_copy, tmp_path):
+    """A second file given a labelled instance number: `data check` names both files, and the
+    label's block is left out (present off, with a warning) instead of pointing at either file."""
+    import warnings
+
+    from trainer.config import DataConfig
+    from trainer.data.check import check_data
+    from trainer.data.crops import CropSpec
+    from trainer.data.dicom import DicomWarning
+    from trainer.data.samples import SampleSource
+    from trainer.data.volumes import VolumeStore
+
+    layout = Layout(phantom_copy)
+    point = layout.coordinates[layout.coordinates["condition"] == "spinal_canal_stenosis"].iloc[0]
+    sid, series, inst = int(point.study_id), int(point.series_id), int(point.instance_number)
+    folder = layout.series_dir(sid, series)
+    numbers = sorted(int(f.stem) for f in folder.glob("*.dcm"))
+    other = numbers[(numbers.index(inst) + 5) % len(numbers)]
+    ds = pydicom.dcmread(folder / f"{other}.dcm")
+    ds.InstanceNumber = inst
+    ds.save_as(folder / "copy.dcm", enforce_file_format=False)
+
+    spec = CropSpec.from_config(DataConfig(data_dir=str(phantom_copy)))
+    out = check_data(phantom_copy, spec, cache_dir=str(tmp_path / "cache"))
+    labelled = layout.coordinates[(layout.coordinates["series_id"] == series) &
+                                  (layout.coordinates["instance_number"] == inst)]
+    assert out["failures"]["instance_repeated"] == 1  # one number, once
+    assert out["failures"]["labelled_instance_repeated"] == len(labelled)  # every label on it
+    (shown,) = out["failure_examples"]["instance_repeated"]
+    assert f"study {sid}: series {series} instance {inst}: files " in shown
+    assert f"{inst}.dcm" in shown and "copy.dcm" in shown
+
+    source = SampleSource(layout, spec, VolumeStore(tmp_path / "cache"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        plan = source.plan(sid)
+    lv = ["l1_l2", "l2_l3", "l3_l4", "l4_l5", "l5_s1"].index(point.level)
+    assert plan.blocks["sag_t2"][lv] is None
+    _, present = source.sample(sid, lv)
+    assert not present[0]
+    assert any(issubclass(w.category, DicomWarning) and f"labelled instance {inst} is held by 2 files" in str(w.message)
+               and "copy.dcm" in str(w.message) and f"study {sid} series {series}" in str(w.message) for w in caught)

@@ -102,7 +102,7 @@ def test_promote_ensemble_predict(phantom_dir, tmp_path, monkeypatch, capsys):
     assert proc.returncode == 0, proc.stderr[-3000:]
     loaded = json.loads(proc.stdout.strip().splitlines()[-1])
     assert loaded["inputs"] == ["data_dir", "study_id"] and loaded["example"]
-    assert loaded["columns"] == ["row_id", "normal_mild", "moderate", "severe"]
+    assert loaded["columns"] == ["row_id", "normal_mild", "moderate", "severe", "fallback"]  # fallback: "" or why
     assert loaded["rows"] == 5 and all(abs(x - 1) < 1e-5 for x in loaded["sums"])  # spinal canal, 5 levels
     oof = pd.read_csv(client.download_artifacts(run_id, "promoted/oof.csv", str(tmp_path)))
     assert oof["row_id"].str.split("_").str[0].nunique() == 8  # every smoke study (8) is out of fold once

@@ -101,3 +101,29 @@ def test_a_binary_space_file_is_one_line(tmp_path):
 def test_unknown_space_lists_the_available_ones():
     with pytest.raises(SpaceError, match=r"unknown search space 'scs_head'; did you mean scs_heads.*available: augment, demo"):
         load_space("scs_head")
+
+
+@pytest.mark.parametrize("pin,message", [
+    ("model.backbone=resnet10t.no_such_tag", "model.backbone: unknown pretrained tag 'no_such_tag'"),
+    ("augment.ops=[{name: GaussNoise, var_limit: [10, 50]}]",
+     r"augment.ops\[0\] \(GaussNoise\): argument 'var_limit' .* replaced it with std_range"),
+    ("augment.ops=[{name: CoarseDropout, max_holes: 8, max_height: 16, max_width: 16}]",
+     r"argument 'max_holes' .* num_holes_range"),
+])
+def test_a_study_refuses_an_unbuildable_set_value_before_any_trial(tmp_path, monkeypatch, capsys, pin, message):
+    import re
+
+    from spinesweep.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["demo", "--smoke", "--data", str(tmp_path), "--set", pin]) == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err) and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "studies.db").exists()  # refused before any store or trial
+
+
+def test_a_space_with_an_unbuildable_fixed_value_fails_on_load(tmp_path):
+    with pytest.raises(SpaceError, match=r"s.yaml: fixed: model.backbone: unknown pretrained tag"):
+        load_space(write(tmp_path, "fixed: {model.backbone: resnet10t.nope}"))
+    with pytest.raises(SpaceError, match=r"fixed: augment.ops\[0\] \(Blur\): argument 'always_apply'"):
+        load_space(write(tmp_path, "fixed: {augment.ops: [{name: Blur, always_apply: true}]}"))

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 from .augment import build_augment, describe
 from .config import ConfigError, TrainConfig
 from .data.cache import data_fingerprint, default_cache_dir
-from .data.crops import CropSpec
+from .data.crops import CropSpec, lacking_conditions
 from .data.dataset import SpineDataset
 from .data.samples import SampleSource
 from .data.volumes import VolumeStore, cache_budget
@@ -225,6 +225,12 @@ def fit(cfg: TrainConfig, callbacks: Iterable[Callback] = (), progress: Callable
 
     solution = build_solution(layout, val_ids, conditions)
     prior = score_groups(solution, prior_predictions(layout, train_ids, val_ds))
+    # the training fold's grade frequencies: what a validation sample gets for a condition whose
+    # crop could not be built (never the model's answer to blank pixels), and what the checkpoint
+    # carries for prediction on test studies
+    train_labels = layout.labels[layout.labels["study_id"].isin(set(train_ids))]
+    label_prior = np.stack([class_prior(train_labels, conditions)[c] for c in conditions])  # (C, 3)
+    block_names = [b for b, _ in spec.blocks()]
 
     model = build_model(cfg.model, spec.n_slices, len(conditions)).to(device)
     ema = _EMA(model, cfg.optim.ema) if cfg.optim.ema else None
@@ -247,7 +253,8 @@ def fit(cfg: TrainConfig, callbacks: Iterable[Callback] = (), progress: Callable
                                               amp_dtype, class_w, epoch, progress)
             t_train = time.perf_counter() - t0
             eval_model = ema.model if ema else model
-            probs, val_loss = _evaluate(eval_model, val_dl, device, amp_dtype, class_w)
+            probs, val_loss = _evaluate(eval_model, val_dl, device, amp_dtype, class_w, block_names, label_prior,
+                                        conditions)
             oof = predictions_frame(*zip(*val_ds.items), probs, conditions)
             res = score_groups(solution, oof)
             metrics = dict(epoch=epoch, train_loss=train_loss, val_loss=val_loss, score=res.score,
@@ -258,7 +265,7 @@ def fit(cfg: TrainConfig, callbacks: Iterable[Callback] = (), progress: Callable
             value = res.score if cfg.select_by == "score" else val_loss
             if value < best["value"]:
                 best.update(epoch=epoch, value=value, oof=oof, groups=res.groups, score=res.score)
-                _save_checkpoint(ckpt_path, eval_model, cfg, spec, epoch, metrics)
+                _save_checkpoint(ckpt_path, eval_model, cfg, spec, epoch, metrics, label_prior)
             for cb in callbacks:
                 if cb(epoch, dict(metrics)):
                     stopped, reason = True, f"stopped by {getattr(cb, '__name__', type(cb).__name__)} after epoch {epoch}"
@@ -332,24 +339,36 @@ def _train_epoch(model, loader, optimizer, scheduler, scaler, ema, cfg, device, 
 
 
 @torch.no_grad()
-def _evaluate(model, loader, device, amp_dtype, class_w):
+def _evaluate(model, loader, device, amp_dtype, class_w, block_names, label_prior, conditions):
+    """(probabilities [N, C, 3], weighted validation loss). A condition whose block is absent
+    (`present` off: its series, slice or point missing) gets `label_prior` (C, 3), as on test
+    studies, and is scored as such."""
     model.eval()
     probs, loss_sum, weight_sum = [], 0.0, 0.0
+    prior = torch.as_tensor(label_prior, dtype=torch.float32, device=device)
     for batch in loader:
         x = batch["image"].to(device, non_blocking=True)
         target, mask = _one_hot(batch["target"].to(device))
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             logits = model(x)
         logits = logits.float()
+        lacking = torch.from_numpy(lacking_conditions(block_names, batch["present"].numpy(), conditions))
+        if lacking.any():  # log-probabilities are logits too: softmax gives them back
+            logits = torch.where(lacking.to(device)[..., None], prior.log().expand_as(logits),
+                                 torch.log_softmax(logits, -1))
+        p = torch.softmax(logits, -1)
         w = ((target * class_w).sum(-1) * mask).sum().item()
         loss_sum += weighted_loss(logits, target, mask, class_w).item() * w
         weight_sum += w
-        probs.append(torch.softmax(logits, -1).cpu().numpy())
+        probs.append(p.cpu().numpy())
     return np.concatenate(probs), loss_sum / max(weight_sum, 1e-8)
 
 
-def _save_checkpoint(path: Path, model, cfg: TrainConfig, spec: CropSpec, epoch: int, metrics: dict) -> None:
-    """A self-describing checkpoint: config, model arguments, state and label names."""
+def _save_checkpoint(path: Path, model, cfg: TrainConfig, spec: CropSpec, epoch: int, metrics: dict,
+                     label_prior: np.ndarray | None = None) -> None:
+    """A self-describing checkpoint: config, model arguments, state, label names and the training
+    fold's grade frequencies per condition (`label_prior`, (conditions, 3): what prediction gives
+    a condition whose crop cannot be built)."""
     import timm
 
     module = model.module if hasattr(model, "module") else model  # AveragedModel wraps the net
@@ -358,6 +377,7 @@ def _save_checkpoint(path: Path, model, cfg: TrainConfig, spec: CropSpec, epoch:
         config=cfg.to_dict(), n_slices=spec.n_slices, conditions=list(cfg.data.conditions),
         label_names=list(TARGET_COLUMNS), blocks=spec.blocks(), epoch=epoch, metrics=metrics,
         state_dict=module.state_dict(), versions=dict(torch=torch.__version__, timm=timm.__version__),
+        label_prior=None if label_prior is None else np.asarray(label_prior, dtype=np.float64).tolist(),
     )
     try:
         torch.save(payload, tmp)

@@ -34,6 +34,12 @@ AUGMENT_OPS = {
 
 _NUM = r"\d+(?:\.\d+)?(?:e-?\d+)?"
 
+# how the log names an op's albumentations 1.x arguments in words, besides their own names
+ARGUMENT_WORDS = {
+    "CoarseDropout": ((r"(?:cutout |hole |box )?size ratio", ("max_height", "max_width")),
+                      (r"number of (?:box|boxes|holes?)", ("max_holes",))),
+}
+
 
 @dataclass
 class Mapped:
@@ -133,25 +139,75 @@ def _clause(text: str, ancestors: list[str], out: Mapped) -> bool:
     return False
 
 
+def _number(text: str):
+    return int(text) if re.fullmatch(r"\d+", text) else float(text)
+
+
+def op_arguments(op: str, text: str) -> dict[str, Any] | None:
+    """The albumentations 1.x arguments one setting line under an op states, e.g. ``var_limit
+    0.1 to 0.2`` -> ``{"var_limit": (0.1, 0.2)}`` (a range: the argument takes a pair),
+    ``increase cutout size ratio 0.2 from 0.1 and reduce number of box to 2 instead 4`` ->
+    ``{"max_height": 0.2, "max_width": 0.2, "max_holes": 2}`` (a change: the new value). None
+    when a clause names no argument of `op` or states no value."""
+    from trainer.augment import V1_ARGUMENTS, accepted_arguments
+
+    names = set(accepted_arguments(op)) | {a for (o, a) in V1_ARGUMENTS if o == op}
+    found: dict[str, Any] = {}
+    for clause in re.split(r"\s+and\s+", _fix_typos(text.lower().strip())):
+        clause = clause.strip("* ")
+        targets, rest = None, clause
+        for word in sorted(names, key=len, reverse=True):
+            m = re.search(rf"\b{re.escape(word)}\b(.*)", clause)
+            if m:
+                targets, rest = (word,), m.group(1)
+                break
+        for pattern, args in ARGUMENT_WORDS.get(op, ()) if targets is None else ():
+            m = re.search(pattern + r"(.*)", clause)
+            if m:
+                targets, rest = args, m.group(1)
+                break
+        if targets is None:
+            return None
+        pair = re.fullmatch(rf"\s*\(?({_NUM})\s*(?:,|to|-)\s*({_NUM})\)?\s*", rest)
+        if pair:  # "0.1 to 0.2", "(10, 50)": a range, albumentations 1.x's pair
+            value: Any = (_number(pair.group(1)), _number(pair.group(2)))
+        else:
+            v = new_value(rest)
+            if v is None:
+                return None
+            value = _number(v)
+        found.update({t: value for t in targets})
+    return found or None
+
+
 def _line(line: Line, ancestors: list[str], out: Mapped) -> None:
     """Map a line and its sub-bullets; blocks (augment, heads, slices) read their children."""
     t = line.text.lower().strip()
     if re.match(r"^add augment(ation)?s?$", t):
-        ops = []
+        from trainer.augment import translate_v1
+
+        ops: dict[str, dict] = {}
         for child in line.children:
             c = child.text.lower().strip()
             key = re.sub(r"[^a-z]", "", c.split("(")[0])
             if c.startswith("removed ") or c.startswith("no "):
                 continue  # the op is gone (listed for the reader)
-            if key in AUGMENT_OPS:
-                if AUGMENT_OPS[key] not in ops:
-                    ops.append(AUGMENT_OPS[key])
+            op = AUGMENT_OPS.get(key)
+            if op is not None:
+                ops.setdefault(op, {})
             else:
                 out.unmapped.append(f"augment: {child.text}")
             for grand, _ in child.walk():
-                if grand is not child:
+                if grand is child:
+                    continue
+                # the log was written against albumentations 1.x: its arguments, in today's names
+                stated = op_arguments(op, grand.text) if op else None
+                args, kept = translate_v1(op, stated) if stated else ({}, {})
+                if stated and not kept:
+                    ops[op].update({k: list(v) if isinstance(v, tuple) else v for k, v in args.items()})
+                else:
                     out.unmapped.append(f"augment {child.text}: {grand.text}")
-        out.params["augment.ops"] = [{"name": op} for op in ops]
+        out.params["augment.ops"] = [{"name": op, **args} for op, args in ops.items()]
         return
     if re.search(r"\buse 5 head separately\b|\bonly 1 head\b", t):
         texts = [c.text.lower() for c, _ in line.walk() if c is not line]

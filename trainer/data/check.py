@@ -33,11 +33,12 @@ def check_data(data_dir: str | Path, spec: CropSpec, cache_dir: str = "", progre
         decoded_seconds = time.perf_counter() - t0
         for sid in layout.study_ids:  # cut every crop once: what a trial will ask for
             source.study_crops(sid)
+        repeated = repeated_instances(source, layout.study_ids)
 
     labels = layout.labels.set_index(["study_id", "condition", "level"])["severity"]
     failures, fallbacks, unlabelled = Counter(), Counter(), 0
     examples: dict[str, list[str]] = {}  # up to EXAMPLES per reason, so a pattern shows
-    for f in report.flags:
+    for f in report.flags + repeated:
         if f["reason"] in FALLBACKS:
             fallbacks[f["reason"]] += 1
             continue
@@ -70,6 +71,23 @@ def check_data(data_dir: str | Path, spec: CropSpec, cache_dir: str = "", progre
         cache_budget=store.budget,
         seconds=round(time.perf_counter() - t0, 2),
     )
+
+
+def repeated_instances(source: SampleSource, study_ids) -> list[dict]:
+    """A flag (reason ``instance_repeated``, files named) for every instance number that more than
+    one file of a series holds, in every described series of the studies: a label that names
+    such a number cannot say which slice it meant. Reads the cached geometry only."""
+    out = []
+    for sid in study_ids:
+        for ref in source.all_series(sid):
+            try:
+                vol = source.store.open(ref)
+            except Exception:  # missing or unreadable: counted by the crop flags already
+                continue
+            for number, files in vol.repeated_instances().items():
+                out.append(dict(study_id=sid, level=None, block=None, reason="instance_repeated",
+                                detail=f"series {ref.series_id} instance {number}: files {', '.join(files)}"))
+    return out
 
 
 def _label_is_empty(labels, flag) -> bool:

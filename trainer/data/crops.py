@@ -13,7 +13,8 @@ Blocks, in this order, for the planes in use:
 A crop is square, centred on the point, with half side = ratio x the image's larger side (the
 manual log's `window_ratio`; `axial_window_ratio` for axial), resized to `img_size`. Neighbour
 slices are cropped around the same patient position projected into them. A block whose point or
-series is missing is zeros and its `present` flag is False, with the reason in the flags.
+series is missing, or whose instance number more than one file holds, is zeros and its `present`
+flag is False, with the reason in the flags.
 
 Two steps, so that a new crop spec costs no preprocessing: `plan_study` finds, once per study,
 each block's series, centre slice and point (geometry only, no pixels read); `cut_level` cuts a
@@ -78,6 +79,28 @@ CropSpec.__module__ = __name__  # pickles (DataLoader workers) find it here
 
 BLOCK_PLANE = {"sag_t2": "sag_t2", "sag_t1_left": "sag_t1", "sag_t1_right": "sag_t1", "axial": "axial"}
 BLOCK_ORDER = ("sag_t2", "sag_t1_left", "sag_t1_right", "axial")
+# the block each condition is graded on
+BLOCK_OF_CONDITION = {_SAG_T2_COND: "sag_t2", **{c: b for b, c in _FORAMEN.items()}, **{c: "axial" for c in _RECESS}}
+# the series descriptions a block's point comes from (the axial block, on test studies, from the
+# canal point carried over from Sagittal T2/STIR)
+SERIES_OF_BLOCK = {"sag_t2": ("Sagittal T2/STIR",), "sag_t1_left": ("Sagittal T1",),
+                   "sag_t1_right": ("Sagittal T1",), "axial": ("Axial T2", "Sagittal T2/STIR")}
+
+
+def lacking_conditions(blocks, present, conditions) -> np.ndarray:
+    """Which conditions a sample cannot be graded on: ``(..., len(conditions))`` bool, True where
+    the block the condition is graded on (`BLOCK_OF_CONDITION`) is in use (`blocks`, the spec's
+    block names in order) and not present. `present` is ``(..., len(blocks))`` bool (a sample's
+    flags, or a batch of them). Such a condition gets the training label frequencies, never the
+    model's answer to a blank crop."""
+    present = np.asarray(present, dtype=bool)
+    names = list(blocks)
+    out = np.zeros(present.shape[:-1] + (len(conditions),), dtype=bool)
+    for c, cond in enumerate(conditions):
+        block = BLOCK_OF_CONDITION[cond]
+        if block in names:
+            out[..., c] = ~present[..., names.index(block)]
+    return out
 
 
 def crop_resize(image: np.ndarray, x: float, y: float, ratio: float, size: int) -> np.ndarray:
@@ -177,7 +200,17 @@ def plan_study(study_id: int, coords: pd.DataFrame, load_volume, planes, axial_s
             flags.append(dict(level=level, block=block, reason="series_unreadable",
                               detail=f"series {r.series_id}: {vol}"))
             return None
-        idx = vol.index_of_instance(int(r.instance_number))
+        hits = vol.slices_of_instance(int(r.instance_number))
+        if len(hits) > 1:  # which file the label meant cannot be known: never guessed
+            files = ", ".join(vol.file_name(i) for i in hits)
+            flags.append(dict(level=level, block=block, reason="labelled_instance_repeated",
+                              detail=f"series {r.series_id} instance {r.instance_number}: files {files}"))
+            if warn:
+                warnings.warn(f"study {study_id} series {r.series_id}: labelled instance {r.instance_number} is "
+                              f"held by {len(hits)} files ({files}); the point is not used ({level} {cond})",
+                              DicomWarning, stacklevel=3)
+            return None
+        idx = hits[0] if hits else None
         if idx is None:
             flags.append(dict(level=level, block=block, reason="instance_missing",
                               detail=f"series {r.series_id} instance {r.instance_number}"))

@@ -33,6 +33,7 @@ class Volume:
     description: str = ""
     patient_position: str = ""
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (file name, reason)
+    files: list[str] = field(default_factory=list)  # (S,) each slice's file name
 
     def __len__(self) -> int:
         return len(self.images)
@@ -45,9 +46,26 @@ class Volume:
             self._normals = np.array([v / np.linalg.norm(v) for v in n]).reshape(-1, 3)
         return self._normals
 
+    def slices_of_instance(self, instance_number: int) -> list[int]:
+        """Every slice index holding `instance_number` (sorted order): one for a sound series."""
+        return [int(i) for i in np.flatnonzero(self.instance_numbers == instance_number)]
+
     def index_of_instance(self, instance_number: int) -> int | None:
-        hits = np.flatnonzero(self.instance_numbers == instance_number)
-        return int(hits[0]) if len(hits) else None
+        """The slice index of an instance number, or None unless exactly one slice holds it: a
+        repeated number cannot say which slice a label meant (`slices_of_instance` tells them
+        apart from a missing one)."""
+        hits = self.slices_of_instance(instance_number)
+        return hits[0] if len(hits) == 1 else None
+
+    def repeated_instances(self) -> dict[int, list[str]]:
+        """Instance numbers that more than one slice holds, with those slices' file names (-1:
+        files without an InstanceNumber)."""
+        numbers, counts = np.unique(self.instance_numbers, return_counts=True)
+        return {int(n): [self.file_name(i) for i in self.slices_of_instance(int(n))]
+                for n, c in zip(numbers, counts) if c > 1}
+
+    def file_name(self, index: int) -> str:
+        return self.files[index] if index < len(self.files) else f"slice {index}"
 
     # --- cache round trip (see cache.py) ---
     def to_arrays(self) -> dict[str, np.ndarray]:
@@ -60,6 +78,7 @@ class Volume:
             description=np.array(self.description),
             patient_position=np.array(self.patient_position),
             skipped=np.array(json.dumps(self.skipped)),
+            files=np.array(json.dumps(self.files)),
         )
         return out
 
@@ -75,6 +94,7 @@ class Volume:
             description=str(arrays["description"]),
             patient_position=str(arrays["patient_position"]),
             skipped=[tuple(x) for x in json.loads(str(arrays["skipped"]))],
+            files=json.loads(str(arrays["files"])) if "files" in arrays else [],
         )
 
 
@@ -236,6 +256,28 @@ def _only_stored_bits(pixels: np.ndarray, stored: int, signed: bool) -> np.ndarr
     return np.bitwise_and(pixels, np.array((1 << stored) - 1, dtype=pixels.dtype), out=pixels)  # in place
 
 
+def bright_is_high(pixels: np.ndarray, photometric, stored: int, signed: bool, slope=None,
+                   intercept=None) -> np.ndarray:
+    """Pixels in "bright = high signal" form, whatever the header's PhotometricInterpretation
+    (MONOCHROME2 or none: as stored; MONOCHROME1: the lowest value displays white, so the values
+    are mirrored over the stored bit range: ``2**BitsStored - 1 - p`` unsigned, ``-1 - p``
+    signed, the same mirror in rescaled units when `slope`/`intercept` were applied). A scanner
+    or anonymiser that writes MONOCHROME1 would otherwise give every crop inverted contrast.
+    Raises ValueError for an interpretation that is not one grey channel."""
+    kind = str(photometric).strip().upper() if photometric is not None else "MONOCHROME2"
+    if kind == "MONOCHROME2":
+        return pixels
+    if kind != "MONOCHROME1":
+        raise ValueError(f"PhotometricInterpretation {photometric!r}: one grey channel expected (MONOCHROME1/2)")
+    lo, hi = (-(1 << (stored - 1)), (1 << (stored - 1)) - 1) if signed else (0, (1 << stored) - 1)
+    if slope not in (None, 1, 1.0) or intercept not in (None, 0, 0.0) or pixels.dtype.kind == "f":
+        a, b = float(slope if slope is not None else 1), float(intercept or 0)
+        return (np.float32(lo * a + b + hi * a + b) - pixels.astype(np.float32)).astype(np.float32)
+    if signed:  # -1 - p stays inside the signed range of the stored bits (no overflow)
+        return (np.array(-1, dtype=pixels.dtype) - pixels).astype(pixels.dtype)
+    return (np.array(hi, dtype=pixels.dtype) - pixels).astype(pixels.dtype)
+
+
 def read_slice(path: Path):
     """Pixels and geometry of one file, or an exception naming what is wrong with it."""
     buf = path.read_bytes()
@@ -266,6 +308,8 @@ def read_slice(path: Path):
             raise ValueError(f"decoded {pixels.shape}, Rows x Columns say {rows} x {cols}")
         if plain and stored < bits:  # bits above HighBit are not the pixel's (overlays, noise)
             pixels = _only_stored_bits(pixels, stored, bool(signed))
+        if pixels is not None:
+            pixels = bright_is_high(pixels, photometric, stored, bool(signed), *(() if plain else (slope, intercept)))
     else:  # odd or broken file: pydicom raises clean exceptions where dicomsdl would crash
         import pydicom
 
@@ -278,6 +322,11 @@ def read_slice(path: Path):
         for name, v in (("Rows", rows), ("Columns", cols)):
             if not isinstance(v, int) or not 1 <= v <= MAX_SIDE:
                 raise ValueError(f"{name} {v!r} is not an image side (1-{MAX_SIDE})")
+        bits, stored, signed, photometric = (get(k) for k in (
+            "BitsAllocated", "BitsStored", "PixelRepresentation", "PhotometricInterpretation"))
+        reason = value_mismatch(bits, stored, signed, photometric)
+        if reason:
+            raise ValueError(reason)
         try:
             pixels = ds.pixel_array
         except Exception:
@@ -286,6 +335,8 @@ def read_slice(path: Path):
             if isinstance(e, (KeyboardInterrupt, SystemExit)):
                 raise
             raise ValueError(f"pixel data cannot be decoded ({type(e).__name__}: {str(e)[:120]})") from None
+        if getattr(pixels, "ndim", 0) == 2:  # pydicom gives stored values: the same mirror as above
+            pixels = bright_is_high(pixels, photometric, stored, bool(signed))
     for name, value, size in (("ImagePositionPatient", ipp, 3), ("ImageOrientationPatient", iop, 6),
                               ("PixelSpacing", ps, 2)):
         if value is None or len(value) != size:
@@ -382,6 +433,7 @@ def read_series(series_dir: Path) -> Volume:
     rows = _one_series(rows, skip)
     if not rows:
         raise FileNotFoundError(f"{series_dir}: no readable DICOM file among {len(files)}")
+    names = [f.name for f, _ in rows]
     pixels, ipp, iop, ps, inst, desc, ppos, _ = zip(*(r for _, r in rows))
     positions = np.asarray(ipp, dtype=np.float64)
     orientations = np.asarray(iop, dtype=np.float64)
@@ -397,4 +449,5 @@ def read_series(series_dir: Path) -> Volume:
         description=str(desc[0]),
         patient_position=str(ppos[0]),
         skipped=skipped,
+        files=[names[i] for i in order],
     )

@@ -45,7 +45,7 @@ from ..errors import UserError
 from .cache import atomic_write_bytes, file_lock
 from .dicom import DicomWarning, Volume, read_series
 
-VOLUME_VERSION = 3  # bump when the decoded pixels change: it invalidates every entry
+VOLUME_VERSION = 5  # bump when the decoded pixels change: it invalidates every entry (4: MONOCHROME1 mirrored, 5: file names)
 DEFAULT_BUDGET = 64 * 2**30  # bytes; the real competition set decodes to about 40 GB (README, Scale)
 EVICT_TO = 0.9  # an eviction frees down to this fraction of the budget, so it does not run per entry
 STALE_SECONDS = 3600  # a temporary file this old belongs to a builder that died
@@ -414,7 +414,8 @@ def _read_int(path: Path) -> int | None:
 def _geometry(vol: Volume) -> dict:
     return dict(positions=vol.positions.tolist(), orientations=vol.orientations.tolist(),
                 spacings=vol.spacings.tolist(), instance_numbers=vol.instance_numbers.tolist(),
-                description=vol.description, patient_position=vol.patient_position, skipped=vol.skipped)
+                description=vol.description, patient_position=vol.patient_position, skipped=vol.skipped,
+                files=vol.files)
 
 
 def _volume(flat: np.ndarray, meta: dict) -> Volume:
@@ -431,6 +432,7 @@ def _volume(flat: np.ndarray, meta: dict) -> Volume:
         instance_numbers=np.asarray(meta["instance_numbers"], dtype=np.int64),
         description=meta["description"], patient_position=meta["patient_position"],
         skipped=[tuple(s) for s in meta["skipped"]],
+        files=list(meta.get("files", [])),
     )
 
 

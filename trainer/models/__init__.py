@@ -33,10 +33,21 @@ def _all_models() -> tuple[str, ...]:
 
 
 def check_backbone(name: str) -> None:
-    """Raise ConfigError for a name timm does not know, with close matches."""
-    if timm.is_model(name):
+    """Raise ConfigError, with close matches, for a backbone timm cannot build: an architecture
+    its registry does not hold, or a pretrained tag (``resnet10t.c3_in1k``: the part after the
+    dot) that the architecture does not have. `timm.is_model` ignores the tag, and timm would only
+    refuse it when the model is created, inside every trial."""
+    arch, _, tag = str(name).partition(".")
+    if not timm.is_model(arch):
+        raise ConfigError(f"unknown timm backbone {name!r}{did_you_mean(arch, _all_models())}")
+    if not tag:
         return
-    raise ConfigError(f"unknown timm backbone {name!r}{did_you_mean(name.split('.')[0], _all_models())}")
+    tags = timm.list_pretrained(f"{arch}.*")
+    if name in tags:
+        return
+    known = ", ".join(tags) if tags else "none: use the name without a tag and model.pretrained=false"
+    raise ConfigError(f"unknown pretrained tag {tag!r} of timm backbone {arch!r}"
+                      f"{did_you_mean(name, tags, cutoff=0.5)} (its tags: {known})")
 
 
 def check_head(name: str) -> None:
