@@ -27,6 +27,7 @@ from .quota import TrialQuota
 from .space import load_space
 from .storage import STORAGE_ERRORS, StudyError, make_storage, unreachable
 from .tracking import Tracker
+from .trials import best_trial
 from .workers import WorkerJob
 
 __all__ = ["worker_loop", "worker_main"]
@@ -149,11 +150,8 @@ def _fmt_elapsed(s: float) -> str:
 
 
 def _progress(study, number, state, value, message, worker, started) -> None:
-    try:
-        best = study.best_trial
-        best_s = f"best {best.value:.4f} (t{best.number})"
-    except ValueError:
-        best_s = "best -"
+    best = best_trial(study)  # the study's own trials: an imported log entry is never "best" here
+    best_s = "best -" if best is None else f"best {best.value:.4f} (t{best.number})"
     score = f"score {value:.4f}" if value is not None else message[:80]
     line = (f"trial {number:>3} {state.name:<8} {score:<28} {best_s:<22} {_fmt_elapsed(time.time() - started)}"
             f"  [{worker}]")
