@@ -232,7 +232,8 @@ def _print_summary(outcome, args, dashboard: str | None = None) -> None:
     from sweep.trials import best_imported, best_trial
 
     study, name = outcome.study, outcome.study.study_name
-    counts = ", ".join(f"{v} {k.lower()}" + (" (imported from the manual log)" if k == "LEGACY" else "")
+    notes = {"LEGACY": " (imported from the manual log)", "SKIPPED": " (sampled duplicates, not run)"}
+    counts = ", ".join(f"{v} {k.lower()}" + notes.get(k, "")
                        for k, v in outcome.counts.items() if v)
     print(f"\nstudy {name}: {counts} ({outcome.seconds / 60:.1f} min)")
     best = best_trial(study)  # the study's own trials, as promote, runs and the dashboard pick it

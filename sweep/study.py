@@ -24,6 +24,7 @@ from optuna.trial import TrialState
 from .loop import worker_loop, worker_main
 from .objective import TrialContext
 from .quota import TrialQuota
+from .sampling import DUPLICATE_OF
 from .space import SearchSpace, Settings, load_space
 from .storage import StudyError, make_storage
 from .tracking import VIEW_TAG, Tracker, redact, runs_view
@@ -132,6 +133,7 @@ def launch(space: SearchSpace, n_trials: int, *, study_name: str, storage_url: s
     except optuna.exceptions.DuplicatedStudyError:
         raise StudyError(f"study {study_name!r} already exists in {redact(storage_url)}: pass --resume to add to it "
                          f"(N is the study's total), or choose another --study-name") from None
+    _check_distributions(space, study, settings)
     study.set_user_attr("space", space.name)
     study.set_user_attr("space_file_hash", space.file_hash)
     tracker = Tracker(tracking_uri)
@@ -178,9 +180,37 @@ def launch(space: SearchSpace, n_trials: int, *, study_name: str, storage_url: s
 
 
 def _counts(trials) -> dict:
-    counts = {s.name: sum(t.state == s and not is_legacy(t) for t in trials) for s in TrialState}
+    """Trials per state; ``SKIPPED``: sampled duplicates (failed, not run), ``LEGACY``: imported."""
+    skipped = [DUPLICATE_OF in t.user_attrs for t in trials]
+    counts = {s.name: sum(t.state == s and not is_legacy(t) and not d for t, d in zip(trials, skipped))
+              for s in TrialState}
+    counts["SKIPPED"] = sum(skipped)
     counts["LEGACY"] = sum(is_legacy(t) for t in trials)
     return counts
+
+
+def _check_distributions(space: SearchSpace, study: optuna.Study, settings: Settings) -> None:
+    """A resumed (or joined) study must sample every parameter from the distribution its trials
+    were drawn from: Optuna fails every new trial of a changed categorical (choices added or
+    removed), a changed kind or a changed log scale. Checked once, before any trial; a changed
+    range of a float or int is allowed (Optuna accepts it).
+
+    Raises:
+        StudyError: one line naming the parameter, the stored and the new distribution, and what to do.
+    """
+    never = settings.never_sampled(space)
+    new = {p.key: p.distribution() for p in space.params if p.key not in never}
+    stored: dict[str, optuna.distributions.BaseDistribution] = {}
+    for t in study.get_trials(deepcopy=False):
+        stored.update({k: d for k, d in t.distributions.items() if k in new})
+    for key, old in stored.items():
+        try:
+            optuna.distributions.check_distribution_compatibility(old, new[key])
+        except ValueError:
+            raise StudyError(
+                f"search space {space.path.name} changed under study {study.study_name!r}: {key}: the study holds "
+                f"{old}, the space now says {new[key]}; a study's distributions cannot change (every new trial "
+                f"would fail): start a new study (--study-name NEW) or restore the space") from None
 
 
 def _only_legacy(storage: RDBStorage, study_name: str) -> bool:

@@ -131,3 +131,103 @@ def test_a_long_config_run_reproduces_with_real_training(workdir, phantom_dir):
     trial = load("long-smoke").trials[0]
     out = reproduce(trial.user_attrs["mlflow_run_id"], log=lambda line: None)
     assert abs(out["score"] - out["logged_score"]) < 1e-6
+
+
+# ------------------------------------------------------------------ 1. no repeated trials
+
+SAMPLERS = {"random": "{name: random, seed: 0}", "tpe": "{name: tpe, seed: 0, n_startup_trials: 8}"}
+
+
+@pytest.mark.parametrize("sampler", sorted(SAMPLERS))
+def test_resume_never_repeats_a_trial(sampler, workdir, phantom_dir):
+    """`--n-trials 2`, then `--n-trials 4 --resume`: a seeded sampler in a new process must not
+    restart its stream; every trial records the seed that drew it."""
+    path = write_space(workdir, sampler=SAMPLERS[sampler])
+    run_study(str(path), 2, data=str(phantom_dir), **quiet())
+    run_study(str(path), 4, data=str(phantom_dir), resume=True, **quiet())
+    s = load()
+    assert len(distinct_params(s)) == 4
+    seeds = [t.user_attrs["sampler_seed"] for t in s.trials]
+    assert seeds[:2] == [0, 0] and len(set(seeds[2:])) == 1 and seeds[2] != 0  # one stream per process
+    assert QUOTA_COUNTED(s) == 4
+
+
+def QUOTA_COUNTED(study):
+    from sweep.quota import TrialQuota
+
+    return len(TrialQuota.counted(study.get_trials()))
+
+
+def _launcher(path, data, workers):
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    run_study(str(path), 6, data=data, workers=workers, resume=True, **quiet())
+
+
+@pytest.mark.slow  # about 11 s on 2 shared cores: two launchers of two worker processes each
+@pytest.mark.parametrize("sampler", sorted(SAMPLERS))
+def test_two_launchers_at_once_never_repeat_each_other(sampler, workdir, phantom_dir):
+    """Two launchers (as on two hosts) of two worker processes each, started at once on one
+    storage (`--workers 2 --resume --n-trials 6` twice): both have a worker 0 and 1, and still no
+    two trials share parameters; the study holds exactly 6."""
+    import multiprocessing as mp
+
+    path = write_space(workdir, sampler=SAMPLERS[sampler])
+    run_study(str(path), 1, data=str(phantom_dir), **quiet())  # the study exists: the launchers join it
+    procs = [mp.get_context("fork").Process(target=_launcher, args=(path, str(phantom_dir), 2))
+             for _ in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0, 0]
+    s = load()
+    assert QUOTA_COUNTED(s) == 6 and len(distinct_params(s)) == 6
+    assert 0 not in [t.user_attrs["sampler_seed"] for t in s.trials[1:]]  # the launchers drew from new streams
+
+
+def test_a_sampled_duplicate_is_skipped_not_run_and_not_counted(workdir, phantom_dir, capsys):
+    """A parameter set the study already holds is skipped (one line, no MLflow run, not counted
+    towards N); an enqueued trial with the same parameters is run (a retry is no duplicate); a
+    space with nothing left to sample stops the study instead of looping."""
+    path = write_space(workdir, heads="linear, attention")
+    path.write_text(path.read_text().replace("  optim.lr: {type: float, low: 1.0e-4, high: 1.0e-2, log: true}\n",
+                                             ""))  # two parameter sets in all
+    s = optuna.create_study(study_name="long", storage="sqlite:///studies.db")
+    s.enqueue_trial({"model.head": "linear"})
+    s.enqueue_trial({"model.head": "linear"})  # enqueued: run although it repeats trial 0
+    outcome = run_study(str(path), 5, data=str(phantom_dir), resume=True, log=print, fit_fn=quick_fit)
+    out = capsys.readouterr().out
+    s = load()
+    ran = [t for t in s.trials if "duplicate_of" not in t.user_attrs]
+    skipped = [t for t in s.trials if "duplicate_of" in t.user_attrs]
+    assert [t.params["model.head"] for t in ran] == ["linear", "linear", "attention"]
+    assert skipped and all(t.state == optuna.trial.TrialState.FAIL for t in skipped)
+    assert QUOTA_COUNTED(s) == 3 and outcome.counts["SKIPPED"] == len(skipped)
+    assert f"trial {skipped[0].number:>3} skipped: its parameters repeat trial" in out
+    assert "every parameter set of the space is in the study" in out
+    mlflow_trials = {r.data.tags.get("trial") for r in runs() if "trial" in r.data.tags}
+    assert mlflow_trials == {str(t.number) for t in ran}
+
+
+# ------------------------------------------------------------------ 2. a changed space
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(heads="linear, attention, gru"), "model.head: the study holds CategoricalDistribution(choices=('linear', "
+                                           "'attention')), the space now says CategoricalDistribution(choices=("
+                                           "'linear', 'attention', 'gru'))"),
+    (dict(log="false"), "optim.lr: the study holds FloatDistribution(high=0.01, log=True, low=0.0001, step=None), "
+                        "the space now says FloatDistribution(high=0.01, log=False, low=0.0001, step=None)"),
+])
+def test_resume_with_a_changed_distribution_is_refused_before_any_trial(change, message, workdir, phantom_dir,
+                                                                          capsys):
+    from spinesweep.cli import main
+
+    path = write_space(workdir)
+    run_study(str(path), 2, data=str(phantom_dir), **quiet())
+    before = len(runs())
+    write_space(workdir, **change)
+    assert main([str(path), "--n-trials", "4", "--resume", "--data", str(phantom_dir)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0] and "--study-name" in err[0] and "restore" in err[0], err
+    assert len(load().trials) == 2 and len(runs()) == before  # no trial, no parent run
