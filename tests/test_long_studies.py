@@ -231,3 +231,44 @@ def test_resume_with_a_changed_distribution_is_refused_before_any_trial(change, 
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0] and "--study-name" in err[0] and "restore" in err[0], err
     assert len(load().trials) == 2 and len(runs()) == before  # no trial, no parent run
+
+
+# ------------------------------------------------------------------ 3. a trial finished elsewhere
+
+
+def stalling_fit(storage_url: str, study_name: str, marker: Path):
+    """quick_fit, but the first trial stalls after its first epoch past the heartbeat's grace
+    period, and meanwhile another connection does what another worker or host does then: Optuna's
+    `fail_stale_trials` fails it and enqueues its retry. The stalled trial then goes on and
+    reports, as a worker continued after SIGSTOP does."""
+    import time
+
+    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback, fail_stale_trials
+
+    def other_host(epoch, metrics):
+        if epoch == 1 and not marker.exists():
+            marker.touch()
+            time.sleep(1.5)  # no heartbeat for longer than the other side's 1 s grace period
+            other = RDBStorage(storage_url, heartbeat_interval=1, grace_period=1,
+                               heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback())
+            fail_stale_trials(optuna.load_study(study_name=study_name, storage=other))
+
+    def fit(cfg, callbacks=(), progress=None):
+        return quick_fit(cfg, callbacks=[other_host, *callbacks])
+
+    return fit
+
+
+def test_a_trial_finished_elsewhere_is_closed_and_the_worker_goes_on(workdir, phantom_dir, capsys):
+    path = write_space(workdir, heads="linear")
+    fit = stalling_fit("sqlite:///studies.db", "long", workdir / "stalled")
+    outcome = run_study(str(path), 2, data=str(phantom_dir), heartbeat=60, log=print, fit_fn=fit)
+    out = capsys.readouterr().out
+    s = load()
+    assert [t.state.name for t in s.trials] == ["FAIL", "COMPLETE", "COMPLETE"]
+    assert s.trials[1].system_attrs.get("failed_trial") == 0 and s.trials[1].params == s.trials[0].params
+    assert "trial   0 taken over: trial 0 was finished elsewhere" in out and "Traceback" not in out
+    run = MlflowClient(default_tracking_uri()).get_run(s.trials[0].user_attrs["mlflow_run_id"])
+    assert run.info.status == "FAILED" and "finished elsewhere" in run.data.tags["error"]
+    parent = MlflowClient(default_tracking_uri()).get_run(outcome.parent_run_id)
+    assert parent.info.status == "FINISHED"  # nothing failed for real
