@@ -21,6 +21,7 @@ direction: minimize
 fixed:
   data.conditions: [spinal_canal_stenosis]
   optim.epochs: 2
+  model.pretrained: false
 params:
   optim.lr: {{type: float, low: 1.0e-4, high: 1.0e-2, log: {log}}}
   model.head: {{type: categorical, choices: [{heads}]}}
@@ -272,3 +273,41 @@ def test_a_trial_finished_elsewhere_is_closed_and_the_worker_goes_on(workdir, ph
     assert run.info.status == "FAILED" and "finished elsewhere" in run.data.tags["error"]
     parent = MlflowClient(default_tracking_uri()).get_run(outcome.parent_run_id)
     assert parent.info.status == "FINISHED"  # nothing failed for real
+
+
+# ------------------------------------------------------------------ 5. parent runs of dead invocations
+
+
+def test_a_launcher_closes_the_parent_runs_of_dead_invocations(workdir, phantom_dir, capsys):
+    """Parent runs left RUNNING by launchers that died: one on another host whose heartbeat is
+    stale, one on this host whose process is gone; a live one on another host is left alone."""
+    import os
+    import socket
+    import time
+
+    from sweep.heartbeat import launcher_tags
+    from sweep.tracking import Tracker
+
+    path = write_space(workdir, heads="linear")
+    run_study(str(path), 1, data=str(phantom_dir), **quiet())
+    tracker = Tracker()
+    exp = tracker.get_experiment("long").experiment_id
+    child = os.fork()
+    if child == 0:
+        os._exit(0)
+    os.waitpid(child, 0)  # a pid that ran on this host and is gone
+    here = {**launcher_tags(2), "spinesweep.pid": str(child)}
+    elsewhere = {**launcher_tags(2), "spinesweep.host": "gpu-host-7", "spinesweep.pid": "4242"}
+    dead = {"here": {**here}, "stale": {**elsewhere, "spinesweep.heartbeat": f"{time.time() - 60:.0f}"}}
+    live = {**elsewhere, "spinesweep.heartbeat": f"{time.time():.0f}"}
+    ids = {k: tracker.start_run(exp, k, tags={"study": "long", "n_trials": 2, **t}) for k, t in
+           {**dead, "live": live}.items()}
+    run_study(str(path), 2, data=str(phantom_dir), resume=True, log=print, fit_fn=quick_fit)
+    out = capsys.readouterr().out
+    for k in dead:
+        r = tracker.get_run(ids[k])
+        assert r.info.status == "KILLED" and "invocation ended without closing its run" in r.data.tags["error"]
+        assert f"closed the parent run {ids[k]} of a dead invocation" in out
+    assert "pid 4242 on gpu-host-7) sent no heartbeat for 6" in tracker.get_run(ids["stale"]).data.tags["error"]
+    assert f"(pid {child} on this host, {socket.gethostname()}) is gone" in tracker.get_run(ids["here"]).data.tags["error"]
+    assert tracker.get_run(ids["live"]).info.status == "RUNNING"
