@@ -58,7 +58,10 @@ def _hf_cache() -> Path:
 
 
 def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE) or os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in (
+        "1", "true", "yes", "on")
 
 
 def _endpoint() -> str:
@@ -170,5 +173,5 @@ def resolve_weights(backbones, weights_dir: str | Path | None = None) -> dict[st
             f"pretrained weights for backbone(s) {', '.join(missing)} cannot be had ({'; '.join(f'{k}: {v}' for k, v in missing.items())}; "
             f"looked in {where}the Hugging Face cache {_hf_cache()}). Provide them: a folder of files named "
             f"<backbone>.safetensors (or .pth) given as model.weights_dir, or a filled Hugging Face cache "
-            f"(HF_HOME; HF_HUB_OFFLINE=1 to use it offline), or train from scratch with --set model.pretrained=false")
+            f"(HF_HOME; HF_HUB_OFFLINE=1 to use it offline), or train from scratch with --set model.pretrained=false (model.pretrained=auto falls back to it)")
     return found
