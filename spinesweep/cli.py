@@ -229,20 +229,24 @@ def _study_summary(outcome, dashboard: str | None) -> dict:
 
 def _print_summary(outcome, args, dashboard: str | None = None) -> None:
     from sweep.tracking import redact, view_url
+    from sweep.trials import best_imported, best_trial
 
     study, name = outcome.study, outcome.study.study_name
-    counts = ", ".join(f"{v} {k.lower()}" + (" (imported from the manual log)" if k == "LEGACY" else "")
+    notes = {"LEGACY": " (imported from the manual log)", "SKIPPED": " (sampled duplicates, not run)"}
+    counts = ", ".join(f"{v} {k.lower()}" + notes.get(k, "")
                        for k, v in outcome.counts.items() if v)
     print(f"\nstudy {name}: {counts} ({outcome.seconds / 60:.1f} min)")
-    try:
-        best = study.best_trial
-    except ValueError:
+    best = best_trial(study)  # the study's own trials, as promote, runs and the dashboard pick it
+    imported = best_imported(study)
+    if imported is not None:
+        print(f"best imported entry {imported.user_attrs.get('legacy_entry', '?')} (trial {imported.number}, "
+              f"imported from the manual log, not run here): score {imported.value:.4f}")
+    if best is None:
         print("no trial completed")
         return
     prior = best.user_attrs.get("prior_score")
     ratio = f", {best.value / prior:.2f} x the prior's {prior:.4f}" if prior else ""
-    legacy = f" (manual log entry {best.user_attrs['legacy_entry']})" if best.user_attrs.get("legacy_entry") else ""
-    print(f"best trial {best.number}{legacy}: score {best.value:.4f}{ratio}")
+    print(f"best trial {best.number}: score {best.value:.4f}{ratio}")
     for k, v in best.params.items():
         print(f"  {k} = {v}")
     print(f"  MLflow run {best.user_attrs.get('mlflow_run_id')}")

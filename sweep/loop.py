@@ -24,9 +24,11 @@ from .heartbeat import heartbeat
 from .objective import run_trial
 from .progress import say
 from .quota import TrialQuota
+from .sampling import DUPLICATE_OF, SAMPLER_SEED, Exhaustion, duplicate_of, next_stream, stream_seed
 from .space import load_space
 from .storage import STORAGE_ERRORS, StudyError, make_storage, unreachable
 from .tracking import Tracker
+from .trials import best_trial
 from .workers import WorkerJob
 
 __all__ = ["worker_loop", "worker_main"]
@@ -53,17 +55,21 @@ def worker_loop(job: WorkerJob) -> int:
     torch.set_num_threads(max(1, spec.threads))
     space = load_space(ctx.space_path)
     storage = make_storage(ctx.storage_url, ctx.tracking_uri, job.heartbeat)
-    sampler = space.make_sampler(seed_offset=spec.index)  # one seed per worker, reproducible
-    study = optuna.load_study(study_name=ctx.study_name, storage=storage, sampler=sampler,
-                              pruner=space.make_pruner())
     quota = TrialQuota(ctx.storage_url, ctx.study_name, job.n_trials)
     tracker = Tracker(ctx.tracking_uri)
     if spec.device != "auto":  # the worker's device (--set device=... still wins)
         ctx = dataclasses.replace(ctx, settings=dataclasses.replace(ctx.settings, device=spec.device))
     worker = {"name": spec.name, "gpu": spec.gpu, "index": spec.index}
+    never = ctx.settings.never_sampled(space)
+    base = space.config(ctx.settings)
+    exhaustion = Exhaustion(space, never)
     ran = 0
     try:
-        study_id = storage.get_study_id_from_name(study.study_name)
+        study_id = storage.get_study_id_from_name(ctx.study_name)
+        with quota.lock(storage):  # this process's own seed stream (sampling.py): no host repeats another
+            seed = stream_seed(space.sampler.get("seed"), next_stream(storage, study_id))
+        study = optuna.load_study(study_name=ctx.study_name, storage=storage, sampler=space.make_sampler(seed),
+                                  pruner=space.make_pruner())
         while job.deadline is None or time.time() < job.deadline:
             fail_stale_trials(study)
             trial = quota.ask(study, storage)
@@ -77,16 +83,35 @@ def worker_loop(job: WorkerJob) -> int:
             try:
                 # through the storage's public API (an Optuna Trial keeps its id private)
                 trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
-                retry_of = storage.get_trial(trial_id).system_attrs.get("failed_trial")
+                asked = storage.get_trial(trial_id)
+                retry_of = asked.system_attrs.get("failed_trial")
+                sampled = space.suggest(trial, base, never=never)
+                trial.set_user_attr(SAMPLER_SEED, seed)
+                if not _enqueued(asked):  # a retry, a re-run or a warm start repeats on purpose
+                    same = duplicate_of(trial.number, trial.params, study.get_trials(deepcopy=False))
+                    if same is not None:
+                        trial.set_user_attr(DUPLICATE_OF, same.number)
+                        study.tell(trial, state=TrialState.FAIL)
+                        say(f"trial {trial.number:>3} skipped: its parameters repeat trial {same.number} "
+                            f"({same.state.name.lower()}); not counted, sampling again  [{spec.name}]")
+                        why = exhaustion.reason(study.get_trials(deepcopy=False))
+                        if why:
+                            say(f"[{spec.name}] stops sampling: {why}")
+                            break
+                        continue
+                exhaustion.reset()
                 with heartbeat(storage, trial_id):
-                    state, value, message = run_trial(trial, space, ctx, tracker, worker, retry_of=retry_of)
-                if state == TrialState.COMPLETE:
-                    study.tell(trial, value)
-                else:
-                    study.tell(trial, state=state)
+                    state, value, message = run_trial(trial, space, ctx, tracker, worker, sampled, retry_of=retry_of)
+                told = study.tell(trial, value if state == TrialState.COMPLETE else None,
+                                  state=None if state == TrialState.COMPLETE else state, skip_if_finished=True)
+                if told.state != state:  # someone finished it first (see _taken_over)
+                    raise optuna.exceptions.UpdateFinishedTrialError(f"trial {trial.number} is {told.state.name}")
             except KeyboardInterrupt:
                 _interrupted(study, trial, tracker)
                 raise
+            except optuna.exceptions.UpdateFinishedTrialError:
+                _taken_over(trial, tracker, spec.name)
+                continue
             except STORAGE_ERRORS as e:  # the storage went away: nothing can be recorded
                 _storage_lost(trial, tracker, ctx.storage_url, e)
             ran += 1
@@ -94,6 +119,30 @@ def worker_loop(job: WorkerJob) -> int:
     except STORAGE_ERRORS as e:  # between trials (ask, count, tell)
         raise StudyError(unreachable(ctx.storage_url, e)) from None
     return ran
+
+
+def _enqueued(trial: optuna.trial.FrozenTrial) -> bool:
+    """A trial whose parameters were given (`enqueue_trial`: a heartbeat retry, an interrupted
+    trial's re-run, a warm start), not sampled: never a duplicate."""
+    return "fixed_params" in trial.system_attrs
+
+
+def _taken_over(trial: optuna.Trial, tracker: Tracker, worker: str) -> None:
+    """The trial was finished by someone else while this worker ran it: its heartbeat went stale
+    (the worker was stopped, e.g. SIGSTOP, or cut off from the storage longer than the grace
+    period) and another worker or host failed it and enqueued its retry. Its result is dropped,
+    its MLflow run closed FAILED saying why, and the worker takes the next trial: nothing here
+    failed for real, so nothing changes the launcher's exit code."""
+    reason = (f"trial {trial.number} was finished elsewhere while this worker ran it (its heartbeat went "
+              f"stale: the worker was stopped or cut off past the grace period; it was failed and retried); "
+              f"its result is dropped")
+    say(f"trial {trial.number:>3} taken over: {reason}  [{worker}]")
+    run_id = None
+    with contextlib.suppress(Exception):
+        run_id = trial.user_attrs.get("mlflow_run_id")
+    if run_id:
+        with contextlib.suppress(Exception):
+            tracker.fail_run(run_id, reason)
 
 
 def worker_main(job: WorkerJob) -> None:
@@ -149,11 +198,8 @@ def _fmt_elapsed(s: float) -> str:
 
 
 def _progress(study, number, state, value, message, worker, started) -> None:
-    try:
-        best = study.best_trial
-        best_s = f"best {best.value:.4f} (t{best.number})"
-    except ValueError:
-        best_s = "best -"
+    best = best_trial(study)  # the study's own trials: an imported log entry is never "best" here
+    best_s = "best -" if best is None else f"best {best.value:.4f} (t{best.number})"
     score = f"score {value:.4f}" if value is not None else message[:80]
     line = (f"trial {number:>3} {state.name:<8} {score:<28} {best_s:<22} {_fmt_elapsed(time.time() - started)}"
             f"  [{worker}]")

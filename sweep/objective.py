@@ -118,10 +118,16 @@ def _device_tag(worker: dict, device: str) -> str:
 
 
 def run_trial(trial: optuna.Trial, space: SearchSpace, ctx: TrialContext, tracker: Tracker,
-              worker: dict, retry_of: int | None = None) -> tuple[optuna.trial.TrialState, float | None, str]:
-    """Run one trial; returns (state, value, message) for `study.tell`. Never raises for a trial's
-    own failure: it is recorded as FAILED in both Optuna and MLflow and the study goes on.
-    `retry_of`: the number of the trial this one retries (its worker died).
+              worker: dict, sampled: dict, retry_of: int | None = None) -> tuple[optuna.trial.TrialState, float | None, str]:
+    """Run one trial whose values were sampled already (`sampled`, from `space.suggest`: the
+    worker's loop checks them against the study first); returns (state, value, message) for
+    `study.tell`. Never raises for a trial's own failure: it is recorded as FAILED in both Optuna
+    and MLflow and the study goes on. `retry_of`: the number of the trial this one retries (its
+    worker died).
+
+    Raises:
+        optuna.exceptions.UpdateFinishedTrialError: the trial was finished by someone else
+            meanwhile (its heartbeat went stale); the caller closes its run (`loop._taken_over`).
 
     MLflow calls are few on purpose (each is a store transaction): the run with its tags, one batch
     of params and sampled values, one batch of metrics per epoch, the artifacts folder once at the
@@ -141,7 +147,7 @@ def run_trial(trial: optuna.Trial, space: SearchSpace, ctx: TrialContext, tracke
     progress = None
     artifacts = Path(tempfile.mkdtemp(prefix=f"spinesweep-t{trial.number}-artifacts-"))
     try:
-        cfg = space.config(ctx.settings, space.suggest(trial, base, never=ctx.settings.never_sampled(space)))
+        cfg = space.config(ctx.settings, sampled)
         tracker.log_batch(run_id, params=cfg.to_flat(), tags={f"optuna.{k}": v for k, v in trial.params.items()})
         (artifacts / names.CONFIG).write_text(cfg.to_yaml())
         progress = TrialProgress(f"[{worker.get('name', '0')}] trial {trial.number}",
@@ -170,6 +176,8 @@ def run_trial(trial: optuna.Trial, space: SearchSpace, ctx: TrialContext, tracke
         trial.set_user_attr("prior_score", prior)
         tracker.end_run(run_id, "FINISHED")
         return optuna.trial.TrialState.COMPLETE, total.score, f"score {total.score:.4f}"
+    except optuna.exceptions.UpdateFinishedTrialError:
+        raise  # finished elsewhere: not this trial's failure (nothing may be written to it now)
     except Exception as e:
         reason = f"{type(e).__name__}: {e}"
         trial.set_user_attr("error", reason[:2000])

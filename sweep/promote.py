@@ -24,6 +24,7 @@ from . import artifacts as names
 from .evaluate import FoldHooks, evaluate_folds
 from .model import save as save_model
 from .progress import ProgressFolds
+from .query import run_config
 from .trials import best_trial, own_trials
 from .tracking import MlflowCurves, Tracker
 
@@ -135,7 +136,7 @@ def promote(study_name: str, storage_url: str, tracking_uri: str, trial: int | N
             return Promotion(model, v.version, t.number, run_id, json.loads(v.tags.get("folds", "[]")), [],
                              float(v.tags.get("oof_score", "nan")), {}, already=True)
     run = tracker.get_run(run_id)
-    cfg = TrainConfig.from_flat(run.data.params)
+    cfg = run_config(tracker, run)
     if data_dir:
         cfg = cfg.with_overrides({"data.data_dir": data_dir})
     evaluated = [int(f) for f in run.data.tags.get("spinesweep.folds", str(cfg.data.fold)).split(",")]

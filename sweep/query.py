@@ -60,13 +60,40 @@ def runs_table(experiment: str, tracking_uri: str | None = None, top: int | None
              "run_id": r["run_id"]} for r in rows]
 
 
+def run_config(tracker: Tracker, run) -> TrainConfig:
+    """A trial's whole config: its ``config.yaml`` artifact, never its params (a param longer
+    than MLflow's limit is logged cut). A run without the artifact (logged by an older version)
+    falls back on its params when none of them was cut.
+
+    Raises:
+        UserError: neither the artifact nor whole params (the message names the run and the keys).
+    """
+    import tempfile
+
+    from . import artifacts as names
+    from .tracking import PARAMS_CUT
+
+    if names.CONFIG in tracker.list_artifacts(run.info.run_id):
+        with tempfile.TemporaryDirectory(prefix="spinesweep-config-") as tmp:
+            return TrainConfig.from_yaml(tracker.download(run.info.run_id, names.CONFIG, tmp))
+    cut = run.data.tags.get(PARAMS_CUT)
+    if cut:
+        raise UserError(f"run {run.info.run_id} has no {names.CONFIG} artifact and its param(s) {cut} were cut "
+                        f"at MLflow's limit: its whole config is not stored")
+    return TrainConfig.from_flat(run.data.params)
+
+
 def reproduce(run_id: str, tracking_uri: str | None = None, data_dir: str | None = None, log=print,
               fit_fn=None) -> dict:
-    """Re-run a trial from its logged params alone (every TrainConfig field is a param) on the
-    folds it evaluated; returns the logged and the reproduced score."""
+    """Re-run a trial from its logged config (`run_config`: its ``config.yaml`` artifact) on the
+    folds it evaluated; returns the logged and the reproduced score.
+
+    Raises:
+        TrackingError: no run of that id.
+        UserError: the run's config cannot be had whole (`run_config`)."""
     tracker = Tracker(tracking_uri)
     run = tracker.get_run(run_id)
-    cfg = TrainConfig.from_flat(run.data.params)
+    cfg = run_config(tracker, run)
     if data_dir:
         cfg = cfg.with_overrides({"data.data_dir": data_dir})
     folds = [int(f) for f in run.data.tags.get("spinesweep.folds", str(cfg.data.fold)).split(",")]

@@ -5,7 +5,8 @@ share it.
 worker takes a lock every process sees (a file lock next to a SQLite file, a PostgreSQL advisory
 lock on a shared database), counts the trials that count, and asks for a new one only while the
 count is below N. Which trials count: not those replaced by a retry (a dead worker's), not those
-whose worker died or that were interrupted (their parameters run again), not imported log entries.
+whose worker died or that were interrupted (their parameters run again), not those skipped as
+duplicates of a trial the study held (`sampling.py`), not imported log entries.
 """
 from __future__ import annotations
 
@@ -54,7 +55,8 @@ class TrialQuota:
         """The trials that count towards N (see the module docstring)."""
         retried = {t.system_attrs.get("failed_trial") for t in trials}
         return [t for t in trials if t.number not in retried and not is_legacy(t)
-                and not t.user_attrs.get("interrupted") and not t.user_attrs.get("worker_died")]
+                and not t.user_attrs.get("interrupted") and not t.user_attrs.get("worker_died")
+                and "duplicate_of" not in t.user_attrs]
 
     def full(self, trials: list[FrozenTrial]) -> bool:
         """The study holds its N counted trials and none of them waits to be run (an enqueued

@@ -176,12 +176,12 @@ class SearchSpace:
             out["augment.ops"] = [dict(op, p=op_p.get(op["name"], op.get("p", 0.5))) for op in base.augment.ops]
         return out
 
-    def make_sampler(self, seed_offset: int = 0) -> optuna.samplers.BaseSampler:
-        """The space's sampler; workers pass their index so that seeded samplers differ between
-        workers yet stay reproducible."""
+    def make_sampler(self, seed: int | None = None) -> optuna.samplers.BaseSampler:
+        """The space's sampler; `seed` replaces the space's own seed (each worker process passes
+        its stream's seed: `sampling.stream_seed`)."""
         args = dict(self.sampler)
-        if args.get("seed") is not None:
-            args["seed"] += seed_offset
+        if seed is not None:
+            args["seed"] = seed
         return SAMPLERS[args.pop("name")](**args)
 
     def make_pruner(self) -> optuna.pruners.BasePruner:

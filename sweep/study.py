@@ -1,7 +1,8 @@
 """A study, end to end: `run_study` checks everything a user can get wrong before any trial,
 then `launch` creates the Optuna study, the MLflow experiment and this invocation's parent run
 once and starts workers that only attach (`workers.py`, each running `loop.py`). When the workers
-have stopped, the launcher closes what they left RUNNING.
+have stopped, the launcher closes what they left RUNNING; before it starts, it closes the parent
+runs of dead invocations of the study (`heartbeat.close_dead_parents`).
 
 Modules by concept: `storage.py` (opening the Optuna storage), `quota.py` (N is the study's
 total), `heartbeat.py`, `loop.py` (the ask/tell loop), `workers.py` (planning and starting
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import sys
 import time
@@ -21,11 +23,13 @@ import optuna
 from optuna.storages import RDBStorage
 from optuna.trial import TrialState
 
+from .heartbeat import close_dead_parents, launcher_tags, parent_heartbeat
 from .loop import worker_loop, worker_main
 from .objective import TrialContext
 from .quota import TrialQuota
+from .sampling import DUPLICATE_OF
 from .space import SearchSpace, Settings, load_space
-from .storage import StudyError, make_storage
+from .storage import HEARTBEAT_INTERVAL, StudyError, make_storage
 from .tracking import VIEW_TAG, Tracker, redact, runs_view
 from .trials import is_legacy
 from .workers import WorkerJob, WorkerSpec, plan_workers, run_processes
@@ -80,6 +84,7 @@ def run_study(space: str | SearchSpace, n_trials: int | None = None, *, data: st
     plan = plan_workers(gpus, workers, trials_per_gpu)
     settings = Settings(smoke=smoke, pinned=dict(pinned or {}))
     space.config(settings)  # validates the pinned keys before any trial starts
+    _check_weights(space, settings, log)
     data_dir = ensure_data(data)
     settings = dataclasses.replace(settings, data_dir=str(data_dir))
     study_name = check_study_name(study_name or (f"{space.name}-smoke" if smoke else space.name))
@@ -95,6 +100,29 @@ def run_study(space: str | SearchSpace, n_trials: int | None = None, *, data: st
     return launch(space, n_trials, study_name=study_name, storage_url=resolve_storage(storage),
                   tracking_uri=resolve_tracking_uri(tracking_uri), settings=settings, resume=resume, workers=plan,
                   timeout=timeout or space.timeout, tags=tags, heartbeat=heartbeat, fit_fn=fit_fn)
+
+
+def _check_weights(space: SearchSpace, settings: Settings, log: Callable[[str], None]) -> None:
+    """Pretrained weights for every backbone the space can sample, found once before the first
+    trial (`trainer.models.weights`): no trial downloads, or fails for want of them.
+
+    Raises:
+        PretrainedUnavailable: `model.pretrained` is true and a backbone has no weights (one line
+            listing them and the ways to provide them).
+    """
+    from trainer.models.weights import PretrainedUnavailable, resolve_weights
+
+    base = space.config(settings)
+    sampled = {p.key: p for p in space.params if p.key not in settings.never_sampled(space)}
+    backbones = sampled["model.backbone"].choices if "model.backbone" in sampled else (base.model.backbone,)
+    pretrained = sampled["model.pretrained"].choices if "model.pretrained" in sampled else (base.model.pretrained,)
+    if True in pretrained:
+        resolve_weights(backbones, base.model.weights_dir or None)
+    elif "auto" in pretrained:  # trials fall back to random init: say so once, here
+        try:
+            resolve_weights(backbones, base.model.weights_dir or None)
+        except PretrainedUnavailable as e:
+            log(f"warning: {e} (model.pretrained=auto: those trials start from random init)")
 
 
 @dataclass
@@ -132,10 +160,12 @@ def launch(space: SearchSpace, n_trials: int, *, study_name: str, storage_url: s
     except optuna.exceptions.DuplicatedStudyError:
         raise StudyError(f"study {study_name!r} already exists in {redact(storage_url)}: pass --resume to add to it "
                          f"(N is the study's total), or choose another --study-name") from None
+    _check_distributions(space, study, settings)
     study.set_user_attr("space", space.name)
     study.set_user_attr("space_file_hash", space.file_hash)
     tracker = Tracker(tracking_uri)
     experiment_id = tracker.ensure_experiment(study_name)
+    close_dead_parents(tracker, experiment_id, study_name, log=lambda line: print(line, flush=True))
     with contextlib.suppress(Exception):  # a convenience of the UI: never a reason to stop a study
         tracker.set_experiment_tag(experiment_id, VIEW_TAG, json.dumps(
             runs_view([p.key for p in space.params], space.direction)))
@@ -146,8 +176,9 @@ def launch(space: SearchSpace, n_trials: int, *, study_name: str, storage_url: s
         print(f"study {study_name} already holds its {n_trials} trials: nothing to run "
               f"(a larger --n-trials adds to it)", flush=True)
         return StudyOutcome(study, None, experiment_id, tracking_uri, _counts(trials), time.time() - started)
+    beat = heartbeat or HEARTBEAT_INTERVAL
     parent = tracker.start_run(experiment_id, f"{study_name}-{time.strftime('%Y%m%d-%H%M%S')}", tags={
-        **tags, "study": study_name, "space": space.name, "n_trials": n_trials, "storage": redact(storage_url),
+        **tags, **launcher_tags(beat), "study": study_name, "space": space.name, "n_trials": n_trials, "storage": redact(storage_url),
         "workers": ",".join(w.name for w in workers), "command": redact(" ".join(sys.argv)),
         **({"smoke": "true"} if settings.smoke else {}),
     })
@@ -158,10 +189,12 @@ def launch(space: SearchSpace, n_trials: int, *, study_name: str, storage_url: s
     status = "FINISHED"
     try:
         jobs = [WorkerJob(ctx, n_trials, deadline, w, started, heartbeat) for w in workers]
+        alive = functools.partial(parent_heartbeat, tracker, parent, beat)  # a later launcher sees it live
         if len(jobs) == 1 and jobs[0].spec.gpu is None:
-            worker_loop(jobs[0])
+            with alive():
+                worker_loop(jobs[0])
         else:
-            run_processes(jobs, worker_main)
+            run_processes(jobs, worker_main, while_running=alive)
     except KeyboardInterrupt:
         status = "KILLED"
         raise
@@ -178,9 +211,37 @@ def launch(space: SearchSpace, n_trials: int, *, study_name: str, storage_url: s
 
 
 def _counts(trials) -> dict:
-    counts = {s.name: sum(t.state == s and not is_legacy(t) for t in trials) for s in TrialState}
+    """Trials per state; ``SKIPPED``: sampled duplicates (failed, not run), ``LEGACY``: imported."""
+    skipped = [DUPLICATE_OF in t.user_attrs for t in trials]
+    counts = {s.name: sum(t.state == s and not is_legacy(t) and not d for t, d in zip(trials, skipped))
+              for s in TrialState}
+    counts["SKIPPED"] = sum(skipped)
     counts["LEGACY"] = sum(is_legacy(t) for t in trials)
     return counts
+
+
+def _check_distributions(space: SearchSpace, study: optuna.Study, settings: Settings) -> None:
+    """A resumed (or joined) study must sample every parameter from the distribution its trials
+    were drawn from: Optuna fails every new trial of a changed categorical (choices added or
+    removed), a changed kind or a changed log scale. Checked once, before any trial; a changed
+    range of a float or int is allowed (Optuna accepts it).
+
+    Raises:
+        StudyError: one line naming the parameter, the stored and the new distribution, and what to do.
+    """
+    never = settings.never_sampled(space)
+    new = {p.key: p.distribution() for p in space.params if p.key not in never}
+    stored: dict[str, optuna.distributions.BaseDistribution] = {}
+    for t in study.get_trials(deepcopy=False):
+        stored.update({k: d for k, d in t.distributions.items() if k in new})
+    for key, old in stored.items():
+        try:
+            optuna.distributions.check_distribution_compatibility(old, new[key])
+        except ValueError:
+            raise StudyError(
+                f"search space {space.path.name} changed under study {study.study_name!r}: {key}: the study holds "
+                f"{old}, the space now says {new[key]}; a study's distributions cannot change (every new trial "
+                f"would fail): start a new study (--study-name NEW) or restore the space") from None
 
 
 def _only_legacy(storage: RDBStorage, study_name: str) -> bool:

@@ -59,6 +59,8 @@ class TrackingError(UserError):
     """The MLflow tracking store cannot be reached or opened; the message names it (redacted)."""
 
 
+PARAM_LIMIT = 6000  # characters: MLflow refuses a longer param value
+PARAMS_CUT = "spinesweep.params_cut"  # the run's params logged cut at PARAM_LIMIT (comma-separated keys)
 PROBE_TIMEOUT = 5.0  # seconds: an unreachable tracking server is one line, not a hang
 
 
@@ -138,11 +140,19 @@ class Tracker:
 
     def log_batch(self, run_id: str, params: dict | None = None, tags: dict | None = None,
                   metrics: dict[str, float] | None = None, step: int = 0) -> None:
-        """Params, tags and metrics in as few store transactions as MLflow allows."""
+        """Params, tags and metrics in as few store transactions as MLflow allows.
+
+        A param longer than MLflow's limit (`PARAM_LIMIT`, 6,000 characters) is logged cut, and
+        the run's tag `PARAMS_CUT` lists the keys so cut: such a run's whole config is its
+        ``config.yaml`` artifact (`query.run_config` reads it)."""
         from mlflow.entities import Metric, Param, RunTag
 
         now = int(time.time() * 1000)
-        p = [Param(k, redact(str(v))[:6000]) for k, v in (params or {}).items()]
+        values = {k: redact(str(v)) for k, v in (params or {}).items()}
+        cut = sorted(k for k, v in values.items() if len(v) > PARAM_LIMIT)
+        if cut:
+            tags = {**(tags or {}), PARAMS_CUT: ",".join(cut)}
+        p = [Param(k, v[:PARAM_LIMIT]) for k, v in values.items()]
         t = [RunTag(k, redact(str(v))[:5000]) for k, v in (tags or {}).items()]
         m = [Metric(k, float(v), now, step) for k, v in (metrics or {}).items() if v is not None]
         first = True

@@ -17,8 +17,21 @@ def own_trials(study: optuna.Study, states: tuple[TrialState, ...] | None = None
 
 
 def best_trial(study: optuna.Study) -> FrozenTrial | None:
-    """The best completed trial run here (imported ones left out), by the study's direction."""
+    """The best completed trial run here (imported ones left out), by the study's direction: the
+    one definition of "best" that the study summary, the progress lines, `promote`, `runs` and
+    the dashboard share. None when no trial of its own has completed."""
     done = [t for t in own_trials(study, (TrialState.COMPLETE,)) if t.value is not None]
+    if not done:
+        return None
+    pick = min if study.direction == optuna.study.StudyDirection.MINIMIZE else max
+    return pick(done, key=lambda t: t.value)
+
+
+def best_imported(study: optuna.Study) -> FrozenTrial | None:
+    """The best trial imported from the manual log (a warm start), shown as such beside the
+    study's own best; None without imported trials."""
+    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if is_legacy(t) and t.value is not None]
     if not done:
         return None
     pick = min if study.direction == optuna.study.StudyDirection.MINIMIZE else max

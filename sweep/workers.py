@@ -8,6 +8,7 @@ ask/tell loop of `loop.py`.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -113,9 +114,12 @@ def plan_workers(gpus: str | None, workers: int | None, trials_per_gpu: int | No
     return [WorkerSpec(i, f"cpu{i}", "cpu", None, threads) for i in range(workers)]
 
 
-def run_processes(jobs: list[WorkerJob], target: Callable[[WorkerJob], None]) -> None:
+def run_processes(jobs: list[WorkerJob], target: Callable[[WorkerJob], None],
+                  while_running: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> None:
     """Start one process per job running `target(job)` (`loop.worker_main`) and wait for all of
-    them. Exit codes: 0 done, 2 a StudyError (printed), 130 Ctrl-C, negative a signal.
+    them, inside `while_running()` (entered once they are started: the launcher's heartbeat
+    thread must not be forked). Exit codes: 0 done, 2 a StudyError (printed), 130 Ctrl-C,
+    negative a signal.
 
     Raises:
         KeyboardInterrupt: Ctrl-C reached the launcher or a worker.
@@ -136,8 +140,9 @@ def run_processes(jobs: list[WorkerJob], target: Callable[[WorkerJob], None]) ->
     for p in procs:
         p.start()
     try:
-        for p in procs:
-            p.join()
+        with while_running():
+            for p in procs:
+                p.join()
     except KeyboardInterrupt:
         for p in procs:  # they got the same SIGINT from the terminal; give them a moment
             p.join(timeout=30)

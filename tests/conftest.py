@@ -76,6 +76,7 @@ direction: minimize
 fixed:
   data.conditions: [spinal_canal_stenosis]
   optim.epochs: 3
+  model.pretrained: false   # quick_fit builds no model
 params:
   optim.lr: {type: float, low: 1.0e-4, high: 1.0e-2, log: true}
   model.head: {type: categorical, choices: [linear, attention, lstm]}

@@ -65,6 +65,7 @@ class DataConfig:
 class ModelConfig:
     backbone: str = "tf_efficientnet_b0.ns_jft_in1k"
     pretrained: bool | Literal["auto"] = True
+    weights_dir: str = ""  # a folder of pretrained weights (<backbone>.safetensors/.pth), before any cache or hub
     in_chans: int = 1  # slices per backbone image (2.5-D: 3)
     head: str = "lstm"
     pooling: Literal["avg", "max", "gem"] = "avg"

@@ -161,3 +161,28 @@ def test_concurrent_launchers_on_a_fresh_storage(engine, phantom_dir, workdir, r
     assert len(s.trials) == 3 and all(t.state in DONE for t in s.trials)
     runs = child_runs("demo-smoke", sqlalchemy_url(tracking) if tracking else None)
     assert len(runs) == 3
+
+
+@pytest.mark.slow
+def test_sigkill_of_a_single_process_launcher_then_resume(phantom_dir, workdir):
+    """The killed invocation's parent run does not stay RUNNING: the resumed launcher finds its
+    process gone (the same host) and closes it KILLED with the reason; the trial it was running is
+    failed by the heartbeat and retried, its run closed."""
+    proc = start(["demo", "--smoke", "--n-trials", "2", "--data", str(phantom_dir),
+                  "--set", "optim.epochs=8", "--set", "data.max_studies=40"], workdir, start_new_session=True)
+    wait_for_running(proc, "sqlite:///studies.db", "demo-smoke", 1)
+    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and any helper process it forked (cache decoders)
+    proc.communicate(timeout=60)
+    again = start(["demo", "--smoke", "--n-trials", "2", "--resume", "--data", str(phantom_dir),
+                   "--set", "optim.epochs=1"], workdir)
+    out, _ = again.communicate(timeout=400)
+    assert again.returncode == 0, out
+    client = MlflowClient(default_tracking_uri())
+    exp = client.get_experiment_by_name("demo-smoke")
+    every = client.search_runs([exp.experiment_id], max_results=1000)
+    assert not [r.info.run_name for r in every if r.info.status == "RUNNING"]
+    parents = [r for r in every if "n_trials" in r.data.tags]
+    killed = [r for r in parents if r.info.status == "KILLED"]
+    assert len(parents) == 2 and len(killed) == 1, [(r.info.run_name, r.info.status) for r in parents]
+    assert "invocation ended without closing its run: its launcher (pid" in killed[0].data.tags["error"]
+    assert f"closed the parent run {killed[0].info.run_id} of a dead invocation" in out

@@ -18,13 +18,10 @@ from torch import nn
 from ..config import ConfigError
 from ..errors import UserError, did_you_mean
 from .heads import get_head, head_names
+from .weights import PretrainedUnavailable, resolve_weights
 
 __all__ = ["SpineNet", "build_model", "check_backbone", "check_head", "PretrainedUnavailable",
            "head_names"]
-
-
-class PretrainedUnavailable(UserError):
-    """Pretrained weights were asked for and cannot be had (no network, unknown tag...)."""
 
 
 @lru_cache(maxsize=1)
@@ -70,14 +67,22 @@ class GeM(nn.Module):
         return x.clamp_min(self.eps).pow(self.p).mean(dims).pow(1.0 / self.p)
 
 
-def _create_backbone(name: str, pretrained, in_chans: int, global_pool: str):
-    """(backbone, pretrained_loaded). pretrained: True (fail clearly), False, or 'auto' (fall back)."""
+def _create_backbone(name: str, pretrained, in_chans: int, global_pool: str, weights_dir: str = ""):
+    """(backbone, pretrained_loaded). pretrained: True (fail clearly), False, or 'auto' (fall back).
+    Weights come from a file `weights.resolve_weights` found (a study resolved them before its
+    first trial, so no trial downloads)."""
     kwargs = dict(num_classes=0, in_chans=in_chans, global_pool=global_pool)
     if pretrained is False:
         return timm.create_model(name, pretrained=False, **kwargs), False
     try:
-        return timm.create_model(name, pretrained=True, **kwargs), True
-    except Exception as e:  # download refused, no weights for this tag, hub unreachable...
+        file = resolve_weights([name], weights_dir or None)[name]
+        return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(file)), **kwargs), True
+    except PretrainedUnavailable:
+        if pretrained == "auto":
+            warnings.warn(f"pretrained weights for {name} unavailable; using random init", stacklevel=3)
+            return timm.create_model(name, pretrained=False, **kwargs), False
+        raise
+    except Exception as e:  # a weights file that does not fit, an unknown tag...
         reason = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
         if pretrained == "auto":
             warnings.warn(f"pretrained weights for {name} unavailable ({reason}); using random init",
@@ -99,7 +104,7 @@ class SpineNet(nn.Module):
         self.pad = self.n_tokens * self.k - n_slices  # zero slices so the stack splits into images
         timm_pool = "" if model_cfg.pooling == "gem" else model_cfg.pooling
         self.backbone, self.pretrained_loaded = _create_backbone(
-            model_cfg.backbone, model_cfg.pretrained, self.k, timm_pool)
+            model_cfg.backbone, model_cfg.pretrained, self.k, timm_pool, model_cfg.weights_dir)
         self.pool = GeM() if model_cfg.pooling == "gem" else nn.Identity()
         # what the backbone emits with num_classes=0: after its pre-logits head when it has one
         # (MobileNetV3: num_features 576, head_hidden_size 1024)
