@@ -12,12 +12,15 @@ FLAGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--enable-unsafe-swi
 
 
 def chromium() -> str | None:
+    """The path of a Chromium or Chrome executable on PATH (``chromium``, ``chromium-browser``,
+    ``google-chrome``, in that order), or None."""
     return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 
 
 def render(url: str, budget_ms: int = 10000, timeout: float = 120) -> dict:
     """Load `url`, let its scripts run for `budget_ms` of virtual time, and return
-    {figures: {name: svg count}, empty: [names], errors: [js errors from the page and console]}."""
+    {figures: {name: svg count}, empty: [names], errors: [js errors from the page and console],
+    dom_chars: length of the rendered DOM}. Raises FileNotFoundError when Chromium is not installed."""
     exe = chromium()
     if exe is None:
         raise FileNotFoundError("chromium not found: run scripts/test-deps (apt-get install chromium)")
@@ -52,6 +55,13 @@ def dom(url: str, budget_ms: int = 15000, timeout: float = 180, width: int = 190
 
 
 def screenshot(url: str, out: str | Path, width: int = 1280, height: int = 2400, budget_ms: int = 15000) -> Path:
+    """Screenshot `url` into the image file `out` (parent folders created) through a `width` x
+    `height` pixel window, after its scripts ran for `budget_ms` of virtual time; returns `out`, absolute.
+
+    Raises:
+        FileNotFoundError: no Chromium is installed.
+        subprocess.CalledProcessError: Chromium exited with an error.
+        subprocess.TimeoutExpired: it took more than 180 s."""
     exe = chromium()
     if exe is None:
         raise FileNotFoundError("chromium not found: run scripts/test-deps (apt-get install chromium)")

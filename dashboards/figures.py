@@ -60,6 +60,9 @@ def optuna_figure(name: str, study):
 
 
 def learning_curves(data: dict[str, Any], title: str):
+    """A run's loss (train and validation) and validation score by epoch, a line per fold, from
+    `info.learning_curves` (``{"folds": [{"fold", "epoch", "train_loss", "val_loss", "score"}]}``);
+    None without folds."""
     if not data.get("folds"):
         return None
     go = _go()
@@ -76,6 +79,8 @@ def learning_curves(data: dict[str, Any], title: str):
 
 
 def confusion(data: dict[str, list[list[int]]]):
+    """A heatmap per condition of `info.confusion`'s counts (rows truth, columns prediction; normal/mild,
+    moderate, severe); None when there are none."""
     if not data:
         return None
     go = _go()
@@ -95,6 +100,8 @@ def confusion(data: dict[str, list[list[int]]]):
 
 
 def calibration(data: dict[str, list]):
+    """A reliability diagram of `info.calibration`'s bins (mean predicted probability against
+    observed frequency, markers sized by the bin's count) beside the diagonal; None without predictions."""
     if not data["predicted"]:
         return None
     go = _go()
@@ -110,6 +117,8 @@ def calibration(data: dict[str, list]):
 
 
 def against_legacy(data: dict[str, Any], study_name: str):
+    """Box plots of the manual log's fold-0 CV scores and the study's completed values
+    (`info.against_legacy`); None unless both have some."""
     if not data["legacy"] or not data["study"]:
         return None
     go = _go()

@@ -28,6 +28,8 @@ from trainer.metric import TARGET_COLUMNS
 
 
 def best_run_id(study: optuna.Study) -> str | None:
+    """The MLflow run id of the study's best trial run here (`best_trial`), or None when none has
+    completed or it has no ``mlflow_run_id`` user attribute."""
     best = best_trial(study)
     return best.user_attrs.get("mlflow_run_id") if best else None
 

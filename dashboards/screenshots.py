@@ -54,6 +54,9 @@ def mlflow_ui(tracking_uri: str, experiment: str, out: Path) -> Path:
 
 
 def main(argv=None) -> int:
+    """Command line: screenshot the study's dashboard (``dashboards/<study>.html``) and its MLflow runs
+    view into `--out` (``dashboard.png``, ``mlflow_ui.png``); returns 0.
+    Raises SystemExit when the dashboard or the MLflow experiment is missing or the MLflow UI does not start."""
     from sweep.tracking import default_tracking_uri
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

@@ -106,5 +106,6 @@ class Exhaustion:
         return None
 
     def reset(self) -> None:
+        """Start the count of duplicates in a row again (after a sample that was not a duplicate)."""
         self.in_a_row = 0
 

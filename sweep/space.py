@@ -77,11 +77,19 @@ class Settings:
     device: str | None = None  # the worker's (a pinned GPU, or the CPU for --workers); --set device wins
 
     def never_sampled(self, space: "SearchSpace") -> set[str]:
+        """The keys no trial samples: the pinned (--set) keys and, with --smoke, the built-in `SMOKE`
+        caps and the space's own `smoke` keys."""
         return set(self.pinned) | (set(SMOKE) | set(space.smoke) if self.smoke else set())
 
 
 @dataclass(frozen=True)
 class Param:
+    """One sampled parameter of a space, as validated from its ``params`` entry.
+
+    `key` is a dotted TrainConfig key or ``augment.ops.<Op>.p``; `low`/`high`/`step`/`log` bound a
+    float or int parameter (an int's step defaults to 1), `choices` a categorical one; `when` maps
+    keys to the values they must hold for the parameter to be sampled (empty: always)."""
+
     key: str
     type: str  # float / int / categorical
     low: float | int | None = None
@@ -92,6 +100,7 @@ class Param:
     when: dict[str, tuple] = field(default_factory=dict)
 
     def distribution(self) -> optuna.distributions.BaseDistribution:
+        """The Optuna distribution this parameter samples from (the one `suggest` uses)."""
         if self.type == "float":
             return optuna.distributions.FloatDistribution(self.low, self.high, log=self.log, step=self.step)
         if self.type == "int":
@@ -107,6 +116,8 @@ class Param:
         return trial.suggest_categorical(self.key, list(self.choices))
 
     def active(self, values: dict[str, Any]) -> bool:
+        """Whether the parameter is sampled given `values` (dotted key -> value so far): every `when`
+        key holds one of its listed values."""
         return all(values.get(k) in allowed for k, allowed in self.when.items())
 
     def contains(self, value) -> bool:
@@ -125,6 +136,13 @@ class Param:
 
 @dataclass(frozen=True)
 class SearchSpace:
+    """One search space file, loaded and validated (`load_space`).
+
+    `name` is the file's stem; `params` are suggested in file order; `sampler` and `pruner` are
+    ``{"name": ..., **arguments}`` (keys of `SAMPLERS` and `PRUNERS`); `folds` the folds each trial
+    trains; `timeout` in seconds (None: none); `smoke` the space's extra --smoke values;
+    `file_hash` the first 12 hex digits of the file's SHA-1 (recorded with the study and its runs)."""
+
     name: str
     path: Path
     description: str
@@ -185,6 +203,7 @@ class SearchSpace:
         return SAMPLERS[args.pop("name")](**args)
 
     def make_pruner(self) -> optuna.pruners.BasePruner:
+        """The space's Optuna pruner, built from its `pruner` mapping."""
         args = dict(self.pruner)
         return PRUNERS[args.pop("name")](**args)
 
@@ -213,10 +232,17 @@ def check_buildable(cfg: TrainConfig) -> None:
 
 
 def available_spaces() -> list[str]:
+    """The names (file stems) of every ``*.yaml`` under `SPACES_DIR`, subfolders included, sorted."""
     return sorted(p.stem for p in SPACES_DIR.rglob("*.yaml"))
 
 
 def resolve_space_path(name_or_path: str) -> Path:
+    """The file of a space given by name (searched under `SPACES_DIR`, subfolders included) or by path
+    (one ending in ``.yaml``/``.yml``, or any existing path).
+
+    Raises:
+        SpaceError: the path is not a file, or no space has that name (the message suggests close
+            names and lists those there are)."""
     p = Path(name_or_path)
     if p.suffix in (".yaml", ".yml") or p.exists():
         if not p.is_file():

@@ -28,10 +28,12 @@ def redact(text: str) -> str:
 
 
 def default_tracking_uri(root: Path = DEFAULT_MLRUNS) -> str:
+    """The default tracking store: the SQLite URI ``sqlite:///<root>/mlflow.db``, `root` made absolute."""
     return f"sqlite:///{(Path(root) / 'mlflow.db').resolve()}"
 
 
 def default_artifact_location(root: Path = DEFAULT_MLRUNS) -> str:
+    """Where a SQLite store's experiments keep their artifacts: ``<root>/artifacts`` as an absolute ``file://`` URI."""
     return (Path(root) / "artifacts").resolve().as_uri()
 
 
@@ -107,6 +109,9 @@ class Tracker:
 
     # ---- set-up, done once by the launcher ----
     def ensure_experiment(self, name: str) -> str:
+        """The id of experiment `name`: restored if it was deleted, created if missing (artifacts under
+        `default_artifact_location` for a SQLite store, the server's default otherwise; tagged as a
+        model-training experiment). A launcher that loses a creation race takes the winner's id."""
         exp = _retry(self.client.get_experiment_by_name, name)
         if exp is not None:
             if exp.lifecycle_stage == "deleted":
@@ -125,6 +130,8 @@ class Tracker:
 
     def start_run(self, experiment_id: str, name: str, tags: dict[str, Any] | None = None,
                   parent_run_id: str | None = None) -> str:
+        """Create a live run (started now) named `name` in the experiment and return its id; with
+        `parent_run_id` it is that run's child (MLflow's ``mlflow.parentRunId`` tag). Tags are redacted."""
         tags = dict(tags or {})
         if parent_run_id:
             tags["mlflow.parentRunId"] = parent_run_id
@@ -132,6 +139,8 @@ class Tracker:
 
     # ---- logging ----
     def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
+        """Tag a run: values as strings, credentials redacted, cut to 5,000 characters, sent 100 tags
+        per store call."""
         from mlflow.entities import RunTag
 
         items = [RunTag(k, redact(str(v))[:5000]) for k, v in tags.items()]
@@ -161,10 +170,13 @@ class Tracker:
             p, t, m, first = p[100:], t[100:], m[1000:], False
 
     def log_artifacts(self, run_id: str, folder: str | Path, artifact_path: str | None = None) -> None:
+        """Upload the files under `folder` into the run's artifacts (under `artifact_path`, or at the
+        root); an empty folder uploads nothing. Raises FileNotFoundError when `folder` does not exist."""
         if any(Path(folder).iterdir()):
             _retry(self.client.log_artifacts, run_id, str(folder), artifact_path)
 
     def log_metrics(self, run_id: str, metrics: dict[str, float], step: int) -> None:
+        """Log metrics at `step` (timestamped now); None values are left out."""
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
@@ -187,6 +199,8 @@ class Tracker:
         self._monitors[run_id] = monitor
 
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
+        """Close a run with `status` (``FINISHED``, ``FAILED``, ``KILLED``), first stopping its system
+        metrics monitor (`start_system_metrics`) and logging the samples it still holds."""
         monitor = self._monitors.pop(run_id, None)
         if monitor is not None:  # its last samples go in while the run is still open
             monitor.finish()
@@ -224,9 +238,11 @@ class Tracker:
         return _retry(self.client.get_experiment_by_name, name)
 
     def experiment_names(self) -> list[str]:
+        """The names of the store's active (not deleted) experiments: MLflow's first page, at most 1,000."""
         return [e.name for e in _retry(self.client.search_experiments)]
 
     def set_experiment_tag(self, experiment_id: str, key: str, value: str) -> None:
+        """Set one tag on an experiment (the runs-table view of `runs_view` is kept this way)."""
         _retry(self.client.set_experiment_tag, experiment_id, key, value)
 
     def search_runs(self, experiment_ids: list[str], filter_string: str = "", order_by: list[str] | None = None,
@@ -236,9 +252,12 @@ class Tracker:
                       max_results=max_results)
 
     def list_artifacts(self, run_id: str, path: str | None = None) -> list[str]:
+        """Paths of a run's artifacts directly under `path` (the run's artifact root when None); not
+        recursive, folders listed as entries."""
         return [a.path for a in _retry(self.client.list_artifacts, run_id, path)]
 
     def download(self, run_id: str, path: str, dst: str | Path) -> Path:
+        """Download a run's artifact `path` (a file or a folder) into the folder `dst`; returns its local path."""
         return Path(_retry(self.client.download_artifacts, run_id, path, str(dst)))
 
     def create_run(self, experiment_id: str, name: str, tags: dict[str, Any], start_time: int | None = None) -> str:
@@ -247,9 +266,12 @@ class Tracker:
         return _retry(self.client.create_run, experiment_id, start_time=start_time, tags=tags, run_name=name).info.run_id
 
     def terminate(self, run_id: str, status: str, end_time: int | None = None) -> None:
+        """Set a run's final `status` and end time (ms since the epoch; None: now), without touching its
+        system metrics monitor (`end_run` stops it)."""
         _retry(self.client.set_terminated, run_id, status, end_time)
 
     def delete_run(self, run_id: str) -> None:
+        """Delete a run the MLflow way: it is marked deleted (restorable) until ``mlflow gc`` removes it."""
         _retry(self.client.delete_run, run_id)
 
     def download_uri(self, artifact_uri: str, dst: str | Path) -> Path:
@@ -269,6 +291,7 @@ class Tracker:
 
     # ---- the model registry ----
     def registered_model_exists(self, name: str) -> bool:
+        """Whether the model registry holds a model named `name` (any MLflow error reads as no)."""
         from mlflow.exceptions import MlflowException
 
         try:
@@ -278,6 +301,7 @@ class Tracker:
             return False
 
     def create_registered_model(self, name: str, description: str) -> None:
+        """Create the registered model `name` with its description. MLflow raises when it exists already."""
         _retry(self.client.create_registered_model, name, description=description)
 
     def model_versions(self, prefix: str, name: str | None = None) -> list:
@@ -293,10 +317,13 @@ class Tracker:
         return out
 
     def create_model_version(self, name: str, source: str, run_id: str, tags: dict[str, str], description: str):
+        """A new version of the registered model `name`, made from the artifacts at `source` (a URI) and
+        linked to `run_id`; returns MLflow's ``ModelVersion``."""
         return _retry(self.client.create_model_version, name, source=source, run_id=run_id, tags=tags,
                       description=description)
 
     def set_model_alias(self, name: str, alias: str, version: str) -> None:
+        """Point the alias `alias` of registered model `name` at `version` (moved there if it pointed elsewhere)."""
         _retry(self.client.set_registered_model_alias, name, alias, version)
 
 
@@ -316,6 +343,8 @@ def runs_view(params: list[str], direction: str = "minimize") -> dict:
 
 
 def view_url(ui_url: str, experiment_id: str) -> str:
+    """The MLflow UI address (served at `ui_url`) of an experiment's runs table opened on the study's
+    shared view (`runs_view`, kept under the key `VIEW_KEY`)."""
     return f"{ui_url.rstrip('/')}/#/experiments/{experiment_id}/runs?viewStateShareKey={VIEW_KEY}"
 
 
@@ -339,6 +368,8 @@ class MlflowCurves:
 
 
 def package_versions() -> dict[str, str]:
+    """The installed versions of the packages a run records (spinesweep, torch, timm, optuna, mlflow...);
+    a package that is not installed is left out."""
     import importlib.metadata as md
 
     out = {}
@@ -352,6 +383,8 @@ def package_versions() -> dict[str, str]:
 
 
 def git_commit(repo: Path | None = None) -> str:
+    """The commit checked out in `repo` (default: the checkout holding this module), with ``-dirty``
+    appended when tracked files have changes; ``"unknown"`` outside a git repository or without git."""
     import subprocess
 
     repo = repo or Path(__file__).resolve().parent.parent

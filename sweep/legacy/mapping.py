@@ -43,6 +43,10 @@ ARGUMENT_WORDS = {
 
 @dataclass
 class Mapped:
+    """What one entry's own lines say (`map_entry`): TrainConfig keys, the lines no rule understood,
+    and two facts about the run itself, None when the entry does not state them: `folds_evaluated`
+    (how many folds were trained) and `dataset_version` (the log's dataset version, e.g. ``v7``)."""
+
     params: dict[str, Any] = field(default_factory=dict)  # TrainConfig keys -> values
     unmapped: list[str] = field(default_factory=list)     # lines kept verbatim
     folds_evaluated: int | None = None                   # "4 folds": every fold was trained
@@ -264,6 +268,10 @@ def map_entry(entry: Entry) -> Mapped:
 
 @dataclass
 class Resolved:
+    """One entry with its settings inherited (`resolve`): `own` is what its own lines say; `params`
+    is `BASELINE`, then the base entry's resolved params, then its own; `inherits_from` is None
+    for the first entry or a `based:` that names no earlier entry."""
+
     entry: Entry
     own: Mapped
     params: dict[str, Any]          # inherited + own, on top of BASELINE

@@ -129,6 +129,11 @@ def crop_stack(volume: Volume, index: int, x: float, y: float, n: int, ratio: fl
 
 @dataclass
 class StudyCrops:
+    """The crops of all five levels of one study, cut at once (`build_study_crops`,
+    `SampleSource.study_crops`). Levels are in `LEVELS` order, slices in the spec's block order; a
+    block that could not be cut is zeros with `present` False and the reason in `flags` (``level``
+    and ``block`` are None for a flag about the series, such as an unreadable slice)."""
+
     images: np.ndarray  # (levels, slices, size, size) uint8
     present: np.ndarray  # (levels, blocks) bool
     flags: list[dict]  # {"level", "block", "reason", "detail"}

@@ -28,7 +28,7 @@ def level_targets(layout: Layout, study_ids, conditions) -> dict[tuple[int, int]
 
 def normalize_stack(x: torch.Tensor, mode: str) -> torch.Tensor:
     """One sample's (slices, H, W) uint8-valued stack as model input: ``minmax255`` divides by 255
-    (crops are already min-max scaled to 0..255), ``standardize`` centres and scales over its pixels."""
+    (crops are already windowed to 0..255 per series: `dicom.scale_to_uint8`), ``standardize`` centres and scales over its pixels."""
     if mode == "minmax255":
         return x / 255.0
     return (x - x.mean()) / x.std().clamp_min(1e-6)

@@ -65,10 +65,14 @@ class Volume:
                 for n, c in zip(numbers, counts) if c > 1}
 
     def file_name(self, index: int) -> str:
+        """The file name of slice `index` (sorted order), or ``"slice <index>"`` when the volume holds
+        no file names."""
         return self.files[index] if index < len(self.files) else f"slice {index}"
 
     # --- cache round trip (see cache.py) ---
     def to_arrays(self) -> dict[str, np.ndarray]:
+        """The volume as named arrays for ``np.savez``: ``image_<i>`` per slice, the geometry arrays,
+        and the strings and lists as 0-d arrays (lists JSON-encoded). `from_arrays` reads them back."""
         out = {f"image_{i}": im for i, im in enumerate(self.images)}
         out.update(
             positions=self.positions,
@@ -84,6 +88,8 @@ class Volume:
 
     @classmethod
     def from_arrays(cls, arrays) -> "Volume":
+        """The Volume of `to_arrays`'s named arrays (any mapping holding those names); without ``files``
+        it holds no file names."""
         n = len(arrays["instance_numbers"])
         return cls(
             images=[np.asarray(arrays[f"image_{i}"]) for i in range(n)],
@@ -353,6 +359,14 @@ def read_slice(path: Path):
 
 
 class Slice(NamedTuple):
+    """One decoded DICOM file (`read_slice`).
+
+    `pixels` is one ``[rows, cols]`` frame in bright-is-high form (`bright_is_high`), not yet scaled
+    to uint8: the stored values, or float32 when a RescaleSlope/RescaleIntercept was applied.
+    `position` is ImagePositionPatient (x, y, z) in mm, `orientation` ImageOrientationPatient's six
+    direction cosines (row direction, then column direction), `spacing` PixelSpacing (between rows,
+    between columns) in mm, `instance` InstanceNumber (-1 when absent); the strings are "" when absent."""
+
     pixels: np.ndarray
     position: list[float]
     orientation: list[float]
@@ -381,6 +395,8 @@ PLANES = ("sagittal", "coronal", "axial")  # the patient axis (x, y, z) a slice'
 
 
 def plane(orientation) -> str:
+    """The anatomical plane of a slice from its ImageOrientationPatient (six direction cosines):
+    ``"sagittal"``, ``"coronal"`` or ``"axial"``, after the patient axis (x, y or z) its normal runs closest to."""
     o = np.asarray(orientation, dtype=np.float64)
     return PLANES[int(np.argmax(np.abs(np.cross(o[:3], o[3:]))))]
 

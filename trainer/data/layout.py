@@ -202,6 +202,10 @@ def _first_point_only(path: Path, df: pd.DataFrame) -> pd.DataFrame:
 
 
 def read_series_descriptions(path: Path, allow_empty: bool = False) -> pd.DataFrame:
+    """A ``*_series_descriptions.csv`` as read: ``study_id``, ``series_id`` (int64), ``series_description``
+    (one of `SERIES_DESCRIPTIONS`). `allow_empty` accepts a header-only file (a test table without studies).
+    Raises LayoutError, naming the file and column, when it is missing or not CSV, its columns are
+    not exactly those, an id is not a whole number, a description is unknown, or it has no rows."""
     df = _read_csv(path, ("study_id", "series_id", "series_description"))
     if not allow_empty:
         _check_not_empty(path, df)
@@ -224,25 +228,32 @@ class Layout:
 
     @cached_property
     def labels(self) -> pd.DataFrame:
+        """``train.csv`` in tidy form (`read_labels`): study_id, condition, level, severity (0/1/2, -1 when empty)."""
         return read_labels(self.root / "train.csv")
 
     @cached_property
     def coordinates(self) -> pd.DataFrame:
+        """``train_label_coordinates.csv`` (`read_coordinates`): study_id, series_id, instance_number,
+        condition, level (submission spelling), x, y (pixels); one point per (study, series, condition, level)."""
         return read_coordinates(self.root / "train_label_coordinates.csv")
 
     @cached_property
     def train_series(self) -> pd.DataFrame:
+        """``train_series_descriptions.csv`` (`read_series_descriptions`): study_id, series_id, series_description."""
         return read_series_descriptions(self.root / "train_series_descriptions.csv")
 
     @cached_property
     def test_series(self) -> pd.DataFrame:
+        """``test_series_descriptions.csv`` (`read_series_descriptions`); it may have no rows."""
         return read_series_descriptions(self.root / "test_series_descriptions.csv", allow_empty=True)
 
     @cached_property
     def study_ids(self) -> list[int]:
+        """The ids of the studies in ``train.csv``, sorted."""
         return sorted(self.labels["study_id"].unique().tolist())
 
     def series_dir(self, study_id: int, series_id: int, split: str = "train") -> Path:
+        """The folder of one series' DICOM files, ``<root>/<split>_images/<study_id>/<series_id>`` (not checked)."""
         return self.root / f"{split}_images" / str(study_id) / str(series_id)
 
     def series_of(self, study_id: int, split: str = "train") -> dict[str, list[int]]:

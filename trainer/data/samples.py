@@ -26,6 +26,10 @@ _OPEN_MAX = 256  # memory-mapped series kept open per process
 
 @dataclass
 class BuildReport:
+    """What `SampleSource.prepare` did: `series` is how many distinct series the studies needed,
+    `flags` every study's plan flags with its ``study_id``, `seconds` the call's wall-clock time and
+    `jobs` the number of processes that decoded."""
+
     studies: int = 0
     series: int = 0
     decoded: int = 0  # series decoded by this call (the rest came from the cache)
@@ -50,6 +54,8 @@ class SampleSource:
 
     # ---------------------------------------------------------------- what a study needs
     def study_coords(self, study_id: int) -> pd.DataFrame:
+        """The study's rows of train_label_coordinates (`Layout.coordinates`'s columns); an empty frame
+        on the test split or for a study without points."""
         if self._coords is None:
             coords = self.layout.coordinates if self.split == "train" else self.layout.coordinates.iloc[:0]
             self._coords = {k: g for k, g in coords.groupby("study_id")}
@@ -97,6 +103,8 @@ class SampleSource:
         return report
 
     def plan(self, study_id: int) -> StudyPlan:
+        """The study's crop plan (`plan_study`), made on first use (opening, and decoding if need be, the
+        series it locates points in) and then kept in `plans`."""
         if study_id not in self.plans:
             self.plans[study_id] = plan_study(study_id, self.study_coords(study_id), self._loader(study_id),
                                               self.spec.planes, self._axial_series(study_id))

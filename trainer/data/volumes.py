@@ -97,6 +97,10 @@ class SeriesRef:
 
 @dataclass
 class PrepareReport:
+    """What `VolumeStore.prepare` did: `series` is how many series it was given; `failed` maps a
+    series id to why it has no pixels (its folder is missing, counted nowhere else, or no slice is
+    readable); `seconds` is wall-clock time and `jobs` the number of processes that decoded."""
+
     series: int = 0
     decoded: int = 0  # entries built by this call
     reused: int = 0  # entries already cached (or built meanwhile by another process)
@@ -142,6 +146,9 @@ class VolumeStore:
         return meta if meta.get("key") == key else None
 
     def cached(self, ref: SeriesRef) -> bool:
+        """Whether the series has an up-to-date committed entry (same DICOM file names, sizes and times,
+        same `VOLUME_VERSION`), counting one that remembers that no slice was readable. False when its
+        folder is missing."""
         return ref.folder.is_dir() and self._meta(ref, self._key(ref.folder)) is not None
 
     def ensure(self, ref: SeriesRef) -> bool:
