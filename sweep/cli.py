@@ -529,6 +529,26 @@ def define_predict(p: argparse.ArgumentParser) -> Callable:
     return run
 
 
+@command("localize", "every study's points by a localiser, in the train_label_coordinates.csv form",
+         parents=("tracking", "data", "json"))
+def define_localize(p: argparse.ArgumentParser) -> Callable:
+    p.add_argument("--split", choices=["test", "train"], default="test", help="which studies (default: test)")
+    p.add_argument("--model", metavar="URI", help="the localiser: a checkpoint file or folder, runs:/RUN_ID, "
+                   "study:NAME, best (default: the best trial of the study 'localizer'), or prior (the mean-position guess)")
+    p.add_argument("--out", required=True, metavar="FILE.csv", help="the points file to write")
+    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+
+    def run(args) -> int:
+        from .localize import localize_to_csv
+
+        out = localize_to_csv(ensure_data(args.data), args.out, tracking_uri(args), args.model, args.split, args.device)
+        print(json.dumps(out) if args.json else
+              f"{out['path']}: {out['rows']} points of {out['studies']} {out['split']} studies, by {out['localizer']}")
+        return 0
+
+    return run
+
+
 # ------------------------------------------------------------------ the manual log
 
 

@@ -201,5 +201,8 @@ def _fold_artifacts(folder: Path, result, fold: int, n_folds: int) -> None:
     (folder / f"confusion{suffix}.json").write_text(json.dumps(result.confusion, indent=2))
     pd.DataFrame(result.history).to_csv(folder / f"history{suffix}.csv", index=False)
     (folder / "augment_pipeline.json").write_text(json.dumps(result.augment_pipeline, indent=2, default=str))
+    for name, table in result.tables.items():  # the task's own per-fold tables (a localiser's points)
+        stem, ext = name.rsplit(".", 1)
+        table.to_csv(folder / f"{stem}_fold{fold}.{ext}", index=False)
     if result.checkpoint and Path(result.checkpoint).exists():
         shutil.move(result.checkpoint, folder / f"checkpoint{suffix}.pt")

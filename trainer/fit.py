@@ -7,6 +7,7 @@ epoch's validation; returning True stops the run (it still returns a FitResult, 
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import platform
 import random
@@ -59,6 +60,18 @@ class FitResult:
     stopped_early: bool = False
     stop_reason: str = ""
     seconds: float = 0.0
+    tables: dict[str, pd.DataFrame] = dataclasses.field(default_factory=dict)  # more per-fold tables to keep, by file name
+
+
+def score_oof(cfg: TrainConfig, solution: pd.DataFrame, oof: pd.DataFrame):
+    """The validation score of `cfg.task`'s out-of-fold rows (a `metric.ScoreResult`): the host
+    metric for the classifier, the point error for the localiser; so the OOF rows of several
+    folds are scored together by whoever joins them, without knowing the task."""
+    if cfg.task == "localize":
+        from .points.metrics import score_points
+
+        return score_points(solution, oof, cfg.localizer.score)
+    return score_groups(solution, oof)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -192,7 +205,12 @@ def environment(device: torch.device, amp_dtype) -> dict:
 def fit(cfg: TrainConfig, callbacks: Iterable[Callback] = (), progress: Callable | None = None) -> FitResult:
     """Train on every fold but `cfg.data.fold`, validate on it each epoch; see the module doc.
 
-    `progress(stage, done, total)` is an optional hook for progress bars."""
+    `progress(stage, done, total)` is an optional hook for progress bars. `cfg.task` picks the
+    model family: ``classify`` (this loop) or ``localize`` (`points.fit.fit_localizer`)."""
+    if cfg.task == "localize":
+        from .points.fit import fit_localizer
+
+        return fit_localizer(cfg, callbacks, progress)
     t_start = time.perf_counter()
     callbacks = list(callbacks)
     seed_everything(cfg.seed)

@@ -36,10 +36,14 @@ class LevelPrior:
     table: dict[tuple[str, str], tuple[float, float, float]]
 
     @classmethod
-    def fit(cls, layout: Layout, cache_root: Path | None = None, max_studies: int = 200) -> "LevelPrior":
+    def fit(cls, layout: Layout, cache_root: Path | None = None, max_studies: int = 200,
+            study_ids=None) -> "LevelPrior":
+        """From the labelled points of `study_ids` (default: every training study), at most
+        `max_studies` of them. Raises LayoutError when none of them can be read."""
         volumes = VolumeStore(Path(cache_root or default_cache_dir()))
         coords = layout.coordinates
-        coords = coords[coords["study_id"].isin(layout.study_ids[:max_studies])]
+        ids = sorted(int(s) for s in (layout.study_ids if study_ids is None else study_ids))
+        coords = coords[coords["study_id"].isin(ids[:max_studies])]
         rows: dict[tuple[str, str], list[tuple[float, float, float]]] = {}
         for (study_id, series_id), group in coords.groupby(["study_id", "series_id"]):
             try:
@@ -85,13 +89,33 @@ class LevelPrior:
         return pd.DataFrame(out, columns=["study_id", "series_id", "instance_number", "condition", "level", "x", "y"])
 
 
+@dataclass
+class PointTable:
+    """Points read from a ``train_label_coordinates.csv``-form file (e.g. `optuna-run localize`'s
+    output): the same interface as `LevelPrior`, for a localiser's points computed once."""
+
+    rows: pd.DataFrame  # the layout reader's form: submission spelling
+
+    @classmethod
+    def from_csv(cls, path: str | Path) -> "PointTable":
+        """Raises LayoutError (naming the file, column and row) for a file not in that form."""
+        from .data.layout import read_coordinates
+
+        return cls(read_coordinates(Path(path)))
+
+    def coordinates(self, study_id: int, series: dict[str, list[int]], load_volume) -> pd.DataFrame:
+        return self.rows[self.rows["study_id"] == int(study_id)].reset_index(drop=True)
+
+
 @torch.no_grad()
 def predict_studies(checkpoints: list[str | Path], data_dir: str | Path, study_ids=None, split: str = "test",
                     prior: LevelPrior | None = None, cache_root: Path | None = None,
                     device: str = "cpu", batch_size: int = 16) -> pd.DataFrame:
     """Kaggle-form predictions (row_id + three probabilities) of one model trained on several
     folds: each checkpoint predicts every study's five levels, probabilities are averaged over
-    checkpoints. Covers the conditions the model was trained on."""
+    checkpoints. Covers the conditions the model was trained on. `prior` is the point source the
+    crops are cut around: anything with `LevelPrior.coordinates`' signature (a `PointTable`, a
+    `points.locate.Localizer`); default: the mean-position guess fitted on the training points."""
     layout = Layout(Path(data_dir))
     table = layout.test_series if split == "test" else layout.train_series
     study_ids = sorted(table["study_id"].unique().tolist()) if study_ids is None else list(study_ids)

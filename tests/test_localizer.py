@@ -1,0 +1,103 @@
+"""The localiser (trainer/points/): grid mapping, heatmaps and their decoding, the point metrics,
+the config, the competition-form output; the slow test trains it on the phantom."""
+import numpy as np
+import pandas as pd
+import pytest
+
+from trainer.config import ConfigError, TrainConfig
+from trainer.data.cache import default_cache_dir
+from trainer.data.layout import Layout, read_coordinates
+from trainer.data.volumes import SeriesRef, VolumeStore
+from trainer.points.data import (SliceFrame, inference_series, labelled_series, render_heatmaps, series_points,
+                                 slice_frame, slice_targets)
+from trainer.points.locate import SeriesMaps, decode_study, peak
+from trainer.points.metrics import score_points, with_patient_positions
+from trainer.points.model import CHANNELS, GROUPS
+
+
+@pytest.mark.parametrize("flip_x,flip_y", [(False, False), (True, False), (False, True), (True, True)])
+def test_slice_frame_maps_pixels_to_the_grid_and_back(flip_x, flip_y):
+    f = SliceFrame(rows=256, cols=200, size=96, flip_x=flip_x, flip_y=flip_y)
+    x, y = np.array([0.0, 17.3, 199.0]), np.array([255.0, 40.5, 0.0])
+    u, v = f.to_model(x, y)
+    assert np.allclose(f.to_image(u, v), (x, y))
+    assert (u[0] > u[2]) == flip_x  # column 0 lands on the right when flipped
+
+
+def test_a_rendered_gaussian_decodes_to_its_position():
+    hm = render_heatmaps([(3, 41.3, 17.8, 1.0)], size=96, stride=4, sigma=1.5)
+    h, u, v = peak(hm[3], stride=4)
+    assert h > 0.9 and abs(u - 41.3) < 0.6 and abs(v - 17.8) < 0.6
+    assert hm[[0, 1, 2, 4]].max() == 0
+
+
+def test_config_task_and_localizer_section_round_trip():
+    cfg = TrainConfig().with_overrides({"task": "localize", "localizer.sigma": "2.5", "localizer.img_size": "64"})
+    assert TrainConfig.from_flat(cfg.to_flat()) == cfg
+    assert cfg.to_flat()["task"] == "localize" and cfg.to_flat()["localizer.score"] == "p90_mm"
+    with pytest.raises(ConfigError, match="localizer.img_size"):
+        TrainConfig().with_overrides({"localizer.img_size": "50"})
+    with pytest.raises(ConfigError, match="task"):
+        TrainConfig().with_overrides({"task": "detect"})
+
+
+def _oracle_maps(layout: Layout, store: VolumeStore, sid: int, size: int = 64, stride: int = 4) -> list[SeriesMaps]:
+    """The heatmaps a perfect model would emit for one study: rendered from its labelled points."""
+    coords = layout.coordinates[layout.coordinates["study_id"] == sid]
+    labelled = labelled_series(coords, GROUPS)
+    maps = []
+    for group, series_id in inference_series(layout.series_of(sid), GROUPS):
+        vol = store.open(SeriesRef(sid, series_id, layout.series_dir(sid, series_id)))
+        m = SeriesMaps(group, series_id, vol)
+        pts = series_points(labelled[(group, series_id)], vol, group) if (group, series_id) in labelled else None
+        for j in range(len(vol)):
+            fr = slice_frame(vol, j, size, group)
+            targets = slice_targets(vol, j, pts, fr, 2.0) if pts is not None else []
+            m.indices.append(j)
+            m.frames.append(fr)
+            m.probs.append(render_heatmaps(targets, size, stride, 1.5)[list(CHANNELS[group])])
+        maps.append(m)
+    return maps
+
+
+def test_decoding_perfect_heatmaps_recovers_every_labelled_point(layout):
+    """Slice choice, the left/right split of the foramina by patient x and the level of each axial
+    point through the sagittal canal points: with the heatmaps a perfect model would emit."""
+    store = VolumeStore(default_cache_dir())
+
+    def load(s, i):
+        return store.open(SeriesRef(int(s), int(i), layout.series_dir(s, i)))
+
+    ids = layout.study_ids[:4]
+    pred = pd.concat([decode_study(sid, _oracle_maps(layout, store, sid), 4) for sid in ids], ignore_index=True)
+    truth = with_patient_positions(layout.coordinates[layout.coordinates["study_id"].isin(ids)].reset_index(drop=True), load)
+    res = score_points(truth, pred)
+    assert res.groups["level_accuracy"] == 1.0
+    assert res.groups["sagittal_median_mm"] < 1.5 and res.groups["axial_median_mm"] < 2.5
+    assert res.groups["p90_mm"] < 4.0  # a neighbouring slice at most (3-4 mm)
+
+
+def test_point_scores_count_wrong_levels_and_missing_points():
+    base = pd.DataFrame(dict(study_id=1, series_id=9, instance_number=[3, 3, 3], condition="spinal_canal_stenosis",
+                             level=["l1_l2", "l2_l3", "l3_l4"], x=0.0, y=0.0, patient_x=0.0, patient_y=0.0,
+                             patient_z=[70.0, 35.0, 0.0], slice=[4, 4, 4]))
+    assert score_points(base, base).groups["level_accuracy"] == 1.0 and score_points(base, base).score == 0.0
+    swapped = base.assign(patient_z=[35.0, 70.0, 0.0])
+    res = score_points(base, swapped, "median_mm")
+    assert res.groups["level_accuracy"] == pytest.approx(1 / 3) and res.score == pytest.approx(35.0)
+    assert score_points(base, base.iloc[:2]).groups["p90_mm"] == np.inf  # a point without prediction is missed
+    with pytest.raises(ValueError, match="localiser score"):
+        score_points(base, base, "mean_mm")
+
+
+def test_localize_writes_rows_the_layout_reader_takes_back(layout, tmp_path):
+    from trainer.infer import LevelPrior
+    from trainer.points.locate import localize
+
+    rows = localize(LevelPrior.fit(layout, max_studies=3), layout.root, "test")
+    path = tmp_path / "points.csv"
+    rows.to_csv(path, index=False)
+    back = read_coordinates(path)
+    assert list(rows.columns) == ["study_id", "series_id", "instance_number", "condition", "level", "x", "y"]
+    assert len(back) == len(rows) == 15 * layout.test_series["study_id"].nunique()  # sagittal points only
+    assert set(back["study_id"]) == set(layout.test_series["study_id"])
