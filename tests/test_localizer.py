@@ -101,3 +101,21 @@ def test_localize_writes_rows_the_layout_reader_takes_back(layout, tmp_path):
     assert list(rows.columns) == ["study_id", "series_id", "instance_number", "condition", "level", "x", "y"]
     assert len(back) == len(rows) == 15 * layout.test_series["study_id"].nunique()  # sagittal points only
     assert set(back["study_id"]) == set(layout.test_series["study_id"])
+
+
+def test_levels_are_placed_jointly_in_head_to_feet_order():
+    """Each level's own channel peaks higher at the next disc down: one by one, every level would
+    be one disc off; placed jointly in order, each is on its own disc."""
+    from trainer.points.locate import ordered_levels
+
+    rows = [2, 6, 10, 14, 18]
+    stack = np.zeros((2, 5, 24, 24), dtype=np.float32)
+    for lv in range(5):
+        targets = [(lv, 40.0, 4 * rows[lv] + 1.5, 0.6)]
+        if lv < 4:
+            targets.append((lv, 40.0, 4 * rows[lv + 1] + 1.5, 0.7))
+        stack[1] += render_heatmaps(targets, 96, 4, 1.0)[:5]
+    assert [int(round((peak(stack[1, lv], 4)[2] + 0.5) / 4 - 0.5)) for lv in range(4)] == rows[1:]
+    placed = ordered_levels(stack, 4)
+    assert [k for k, _, _ in placed] == [1] * 5
+    assert np.allclose([v for _, _, v in placed], [4 * r + 1.5 for r in rows], atol=0.5)

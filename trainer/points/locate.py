@@ -2,10 +2,11 @@
 (condition, level) point of a study, the drop-in replacement of `infer.LevelPrior`.
 
 Decoding, per study (`decode_study`):
-- spinal canal, each level: the Sagittal T2/STIR slice whose heatmap peaks highest, the point at
-  the peak (refined by the centroid of its 3 x 3 neighbourhood);
-- foramina, each level: the same on Sagittal T1, once among the slices left of the midline and once
-  among those right of it (the midline: the canal points' patient x, else the stack's centre);
+- spinal canal: the five levels placed jointly in head-to-feet order on the Sagittal T2/STIR
+  heatmaps (`ordered_levels`), each on the slice where its own heatmap peaks there, the point
+  refined to a fraction of a cell (`refine`);
+- foramina: the same on Sagittal T1, once among the slices left of the midline and once among
+  those right of it (the midline: the canal points' patient x, else the stack's centre);
 - subarticular recesses, each level: the canal point of that level carried through patient space
   to the Axial T2 slices within `AXIAL_REACH_MM` of it (every axial series), the slice whose left
   and right peaks sum highest, the two points on it.
@@ -43,20 +44,64 @@ class SeriesMaps:
     probs: list[np.ndarray] = field(default_factory=list)
 
 
-def peak(hm: np.ndarray, stride: int) -> tuple[float, float, float]:
-    """(height, u, v) of a heatmap's highest cell, (u, v) on the input grid, refined to a fraction
-    of a cell by fitting a parabola to the log heights of the cell and its neighbours along each
-    axis (exact for a Gaussian: the heatmaps are trained as Gaussians)."""
-    i, j = np.unravel_index(int(np.argmax(hm)), hm.shape)
-
-    def offset(a, b, c):  # log heights left, centre, right
+def refine(hm: np.ndarray, i: int, j: int, stride: int) -> tuple[float, float]:
+    """(u, v) on the input grid of heatmap cell (i, j), refined to a fraction of a cell by
+    fitting a parabola to the log heights of the cell and its neighbours along each axis (exact
+    for a Gaussian: the heatmaps are trained as Gaussians)."""
+    def offset(a, b, c):  # log heights before, at, after
         den = a - 2 * b + c
         return float(np.clip(0.5 * (a - c) / den, -0.5, 0.5)) if den < 0 else 0.0
 
     log = np.log(np.maximum(hm, 1e-12))
     di = offset(log[i - 1, j], log[i, j], log[i + 1, j]) if 0 < i < hm.shape[0] - 1 else 0.0
     dj = offset(log[i, j - 1], log[i, j], log[i, j + 1]) if 0 < j < hm.shape[1] - 1 else 0.0
-    return float(hm[i, j]), (j + dj + 0.5) * stride - 0.5, (i + di + 0.5) * stride - 0.5
+    return (j + dj + 0.5) * stride - 0.5, (i + di + 0.5) * stride - 0.5
+
+
+def peak(hm: np.ndarray, stride: int) -> tuple[float, float, float]:
+    """(height, u, v) of a heatmap's highest cell, (u, v) on the input grid (`refine`d)."""
+    i, j = np.unravel_index(int(np.argmax(hm)), hm.shape)
+    return (float(hm[i, j]), *refine(hm, i, j, stride))
+
+
+def ordered_levels(stack: np.ndarray, stride: int, candidates: int = 9) -> list[tuple[int, float, float]] | None:
+    """The five levels of a sagittal stack placed jointly: ``stack`` ``[slices, 5, H, W]``.
+
+    Each level channel alone confuses neighbouring discs; their sum (over levels, and over slices
+    by its maximum) shows every disc. Its strongest local maxima are the candidates; the five
+    levels take five of them in head-to-feet order (rows of the canonical grid) so that the sum of
+    each level's own height at its candidate is highest (dynamic programming). Returns per level
+    (slice position in the stack, u, v), or None when fewer than five candidates stand out."""
+    proj = stack.max(0)  # [5, H, W]
+    total = proj.sum(0)
+    h, w = total.shape
+    padded = np.pad(total, 1, constant_values=-1)
+    neighbours = np.max([padded[1 + di:h + 1 + di, 1 + dj:w + 1 + dj] for di in (-1, 0, 1) for dj in (-1, 0, 1)
+                         if di or dj], axis=0)
+    peaks = np.argwhere((total > neighbours) & (total > 0.05))
+    if len(peaks) < 5:
+        return None
+    peaks = peaks[np.argsort(-total[tuple(peaks.T)])][:candidates]
+    peaks = peaks[np.argsort(peaks[:, 0], kind="stable")]  # head first
+    n, levels = len(peaks), proj.shape[0]
+    gain = np.array([[proj[lv, i, j] for i, j in peaks] for lv in range(levels)])  # [5, n]
+    best = np.full((levels, n), -np.inf)
+    back = np.zeros((levels, n), dtype=int)
+    best[0] = gain[0]
+    for lv in range(1, levels):
+        run = np.maximum.accumulate(best[lv - 1])  # best of the candidates above, for each c
+        arg = np.array([int(np.argmax(best[lv - 1][:c + 1])) for c in range(n)])
+        best[lv, 1:] = run[:-1] + gain[lv, 1:]
+        back[lv, 1:] = arg[:-1]
+    chosen = [int(np.argmax(best[-1]))]
+    for lv in range(levels - 1, 0, -1):
+        chosen.append(int(back[lv, chosen[-1]]))
+    out = []
+    for lv, c in enumerate(chosen[::-1]):
+        i, j = peaks[c]
+        k = int(np.argmax(stack[:, lv, i, j]))
+        out.append((k, *refine(stack[k, lv], i, j, stride)))
+    return out
 
 
 def _row(study_id, maps: SeriesMaps, k: int, condition: str, level: str, u: float, v: float) -> dict:
@@ -78,6 +123,18 @@ def _best(maps: SeriesMaps, channel: int, stride: int, among=None):
     return None if best is None else best[1:]
 
 
+def _levels(maps: SeriesMaps, stride: int, among=None) -> list[tuple[int, float, float]]:
+    """Per level (position in `maps.indices`, u, v): jointly ordered (`ordered_levels`) when the
+    slices share one grid, else each level's highest peak."""
+    among = list(range(len(maps.indices))) if among is None else list(among)
+    shapes = {maps.probs[k].shape for k in among}
+    if len(shapes) == 1:
+        placed = ordered_levels(np.stack([maps.probs[k] for k in among]), stride)
+        if placed is not None:
+            return [(among[k], u, v) for k, u, v in placed]
+    return [_best(maps, lv, stride, among) for lv in range(len(LEVELS))]
+
+
 def decode_study(study_id: int, maps: list[SeriesMaps], stride: int, conditions=CONDITIONS) -> pd.DataFrame:
     """Rows of the train_label_coordinates form (submission spelling) plus `PATIENT_COLUMNS`, one
     per (condition, level) of `conditions` that the study's heatmaps can place (module doc)."""
@@ -86,8 +143,9 @@ def decode_study(study_id: int, maps: list[SeriesMaps], stride: int, conditions=
     canal: dict[str, np.ndarray] = {}
     if by_group["sag_t2"]:
         m = by_group["sag_t2"][0]
+        placed = _levels(m, stride)
         for lv, level in enumerate(LEVELS):
-            k, u, v = _best(m, lv, stride)
+            k, u, v = placed[lv]
             r = _row(study_id, m, k, "spinal_canal_stenosis", level, u, v)
             canal[level] = np.array([r["patient_x"], r["patient_y"], r["patient_z"]])
             if "spinal_canal_stenosis" in conditions:
@@ -102,8 +160,9 @@ def decode_study(study_id: int, maps: list[SeriesMaps], stride: int, conditions=
             cond = f"{side}_neural_foraminal_narrowing"
             if cond not in conditions or not among:
                 continue
+            placed = _levels(m, stride, among)
             for lv, level in enumerate(LEVELS):
-                k, u, v = _best(m, lv, stride, among)
+                k, u, v = placed[lv]
                 rows.append(_row(study_id, m, k, cond, level, u, v))
     recess = [c for c in ("left_subarticular_stenosis", "right_subarticular_stenosis") if c in conditions]
     if by_group["axial"] and recess and canal:
