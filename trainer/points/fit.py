@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 from typing import Iterable
 
-import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
@@ -28,14 +27,15 @@ from torch.utils.data import DataLoader
 from ..config import TrainConfig
 from ..data.cache import data_fingerprint, default_cache_dir
 from ..data.geometry import nearest_slice, pixel_to_patient
-from ..data.layout import CONDITION_NAMES, LEVEL_NAMES, LEVELS, Layout
+from ..data.layout import Layout
 from ..data.volumes import SeriesRef, VolumeStore, cache_budget
-from ..fit import (_EMA, Callback, FitResult, _worker_init, environment, loader_workers, lr_lambda, resolve_device,
-                   seed_everything, train_val_split)
+from ..training import (EMA, Callback, FitResult, environment, loader_workers, lr_lambda, resolve_device,
+                        seed_everything, train_val_split, worker_init)
 from .data import GROUP_OF_CONDITION, SliceDataset, slice_frame
 from .locate import SeriesMaps, decode_study
-from .metrics import COORD_COLUMNS, score_points, with_patient_positions
-from .model import CHANNELS, GROUPS, KeypointNet, build_keypoint_model
+from .metrics import COORD_COLUMNS, competition_form, score_points, with_patient_positions
+from .model import CHANNELS, GROUPS, build_keypoint_model, save_checkpoint
+from .prior import LevelPrior
 
 POSITIVE_WEIGHT = 10.0  # a heatmap cell weighs 1 + this x its target in the loss: points are few
 
@@ -59,8 +59,6 @@ def groups_of(conditions) -> tuple[str, ...]:
 def prior_points(layout: Layout, train_ids, study_ids, load_volume, cache_root: Path) -> pd.DataFrame:
     """The mean-position guess for `study_ids` (LevelPrior fitted on `train_ids`), with each
     level's recess points at the guessed canal point carried to the nearest Axial T2 slice."""
-    from ..infer import LevelPrior
-
     prior = LevelPrior.fit(layout, cache_root, study_ids=train_ids)
     frames = []
     for sid in study_ids:
@@ -81,14 +79,6 @@ def prior_points(layout: Layout, train_ids, study_ids, load_volume, cache_root: 
                                       instance_number=int(ax.instance_numbers[j]), condition=c, level=r.level, x=x, y=y))
         frames.append(pd.concat([rows, pd.DataFrame(extra, columns=list(COORD_COLUMNS))], ignore_index=True))
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=list(COORD_COLUMNS))
-
-
-def competition_form(rows: pd.DataFrame) -> pd.DataFrame:
-    """Rows in `train_label_coordinates.csv`'s exact columns and spelling ("Spinal Canal Stenosis", "L1/L2")."""
-    out = rows[list(COORD_COLUMNS)].copy()
-    out["condition"] = out["condition"].map(CONDITION_NAMES)
-    out["level"] = out["level"].map(LEVEL_NAMES)
-    return out.reset_index(drop=True)
 
 
 def fit_localizer(cfg: TrainConfig, callbacks: Iterable[Callback] = (), progress=None) -> FitResult:
@@ -132,7 +122,7 @@ def fit_localizer(cfg: TrainConfig, callbacks: Iterable[Callback] = (), progress
     prior = score_points(solution, with_patient_positions(
         prior_points(layout, train_ids, val_ids, load_volume, cache_root), load_volume), lc.score)
 
-    ema = _EMA(model, cfg.optim.ema) if cfg.optim.ema else None
+    ema = EMA(model, cfg.optim.ema) if cfg.optim.ema else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     steps_per_epoch = max(1, len(train_ds) // cfg.optim.batch_size)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, cfg.optim.epochs * steps_per_epoch))
@@ -149,7 +139,7 @@ def fit_localizer(cfg: TrainConfig, callbacks: Iterable[Callback] = (), progress
             t0 = time.perf_counter()
             train_ds.set_epoch(epoch)
             train_dl = DataLoader(train_ds, batch_size=cfg.optim.batch_size, shuffle=True, drop_last=True,
-                                  generator=g, worker_init_fn=_worker_init, **loader_kw)
+                                  generator=g, worker_init_fn=worker_init, **loader_kw)
             train_loss = _train_epoch(model, train_dl, optimizer, scheduler, scaler, ema, cfg, device, amp_dtype,
                                       epoch, progress)
             t_train = time.perf_counter() - t0
@@ -163,7 +153,7 @@ def fit_localizer(cfg: TrainConfig, callbacks: Iterable[Callback] = (), progress
             value = res.score if cfg.select_by == "score" else val_loss
             if value < best["value"] or best["oof"] is None:
                 best.update(epoch=epoch, value=value, oof=oof, groups=res.groups, score=res.score)
-                _save_checkpoint(ckpt_path, eval_model, cfg, epoch, metrics)
+                save_checkpoint(ckpt_path, eval_model, cfg, epoch, metrics)
             for cb in callbacks:
                 if cb(epoch, dict(metrics)):
                     stopped, reason = True, f"stopped by {getattr(cb, '__name__', type(cb).__name__)} after epoch {epoch}"
@@ -243,34 +233,3 @@ def _validate(model, loader, ds: SliceDataset, stride, device, amp_dtype, condit
     frames = [decode_study(sid, ms, stride, conditions) for sid, ms in sorted(per_study.items())]
     oof = pd.concat(frames, ignore_index=True) if frames else decode_study(0, [], stride, conditions)
     return oof, loss_sum / max(n, 1)
-
-
-def _save_checkpoint(path: Path, model, cfg: TrainConfig, epoch: int, metrics: dict) -> None:
-    """A self-describing localiser checkpoint: config (task localize), stride, state."""
-    import timm
-
-    module = model.module if hasattr(model, "module") else model
-    tmp = path.with_suffix(".tmp")
-    payload = dict(config=cfg.to_dict(), task="localize", stride=module.stride, epoch=epoch, metrics=metrics,
-                   channels={g: list(r) for g, r in CHANNELS.items()}, levels=list(LEVELS),
-                   state_dict=module.state_dict(), versions=dict(torch=torch.__version__, timm=timm.__version__))
-    try:
-        torch.save(payload, tmp)
-        tmp.replace(path)
-    except (OSError, RuntimeError) as e:
-        tmp.unlink(missing_ok=True)
-        raise OSError(f"{path}: checkpoint could not be written ({e})") from e
-
-
-def load_localizer_checkpoint(path, device: str = "cpu") -> tuple[KeypointNet, TrainConfig]:
-    """(model in eval mode, TrainConfig) from a checkpoint written by `fit_localizer`; raises
-    ValueError for a checkpoint of another task (a classifier's)."""
-    import dataclasses
-
-    ckpt = torch.load(path, map_location=device, weights_only=False)
-    if ckpt.get("task") != "localize":
-        raise ValueError(f"{path}: not a localiser checkpoint (task {ckpt.get('task', 'classify')!r})")
-    cfg = TrainConfig.from_dict(ckpt["config"])
-    model = build_keypoint_model(dataclasses.replace(cfg.model, pretrained=False))
-    model.load_state_dict(ckpt["state_dict"])
-    return model.to(device).eval(), cfg

@@ -197,7 +197,7 @@ class Localizer:
     @classmethod
     def from_checkpoints(cls, paths, device: str = "cpu") -> "Localizer":
         """From checkpoints written by a localiser's `fit` (raises ValueError for a classifier's)."""
-        from .fit import load_localizer_checkpoint
+        from .model import load_localizer_checkpoint
 
         loaded = [load_localizer_checkpoint(p, device) for p in paths]
         if not loaded:
@@ -257,7 +257,7 @@ def load_point_source(spec: str, layout, device: str = "cpu"):
     """A point source for `predict_studies`: ``prior`` (the mean-position guess, fitted on the
     layout's training coordinates), or a localiser checkpoint file (``.pt``) or folder of them.
     Raises FileNotFoundError for a path that does not exist."""
-    from ..infer import LevelPrior
+    from .prior import LevelPrior
 
     if spec == "prior":
         return LevelPrior.fit(layout)
@@ -277,7 +277,7 @@ def localize(source, data_dir, split: str = "test", study_ids=None, cache_root: 
     from ..data.cache import default_cache_dir
     from ..data.layout import Layout
     from ..data.volumes import SeriesRef, VolumeStore
-    from .fit import competition_form
+    from .metrics import competition_form
 
     if split not in ("test", "train"):
         raise ValueError(f"split {split!r}: expected test or train")

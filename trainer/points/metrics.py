@@ -17,7 +17,7 @@ import pandas as pd
 
 from ..data.dicom import DicomWarning
 from ..data.geometry import pixel_to_patient
-from ..data.layout import LEVELS, PLANE_OF_CONDITION
+from ..data.layout import CONDITION_NAMES, LEVEL_NAMES, LEVELS, PLANE_OF_CONDITION
 from ..metric import ScoreResult
 
 COORD_COLUMNS = ("study_id", "series_id", "instance_number", "condition", "level", "x", "y")
@@ -137,3 +137,11 @@ def pixel_miss(labelled: pd.DataFrame, guessed: pd.DataFrame) -> pd.DataFrame:
     m["miss_px"] = np.hypot(m["x"] - m["x_guess"], m["y"] - m["y_guess"])
     m["miss"] = m["miss_px"] / m["study_id"].map(disc_spacing_px(labelled))
     return m
+
+
+def competition_form(rows: pd.DataFrame) -> pd.DataFrame:
+    """Rows in `train_label_coordinates.csv`'s exact columns and spelling ("Spinal Canal Stenosis", "L1/L2")."""
+    out = rows[list(COORD_COLUMNS)].copy()
+    out["condition"] = out["condition"].map(CONDITION_NAMES)
+    out["level"] = out["level"].map(LEVEL_NAMES)
+    return out.reset_index(drop=True)

@@ -9,10 +9,13 @@ an axial slice shows one level, which comes from the sagittal points through pat
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..data.layout import LEVELS
 from ..models import check_backbone, create_backbone
 
 GROUPS = ("sag_t2", "sag_t1", "axial")
@@ -55,3 +58,36 @@ class KeypointNet(nn.Module):
 def build_keypoint_model(model_cfg) -> KeypointNet:
     """A `KeypointNet` from a `ModelConfig` (backbone, pretrained, in_chans)."""
     return KeypointNet(model_cfg.backbone, model_cfg.pretrained, model_cfg.in_chans)
+
+
+def save_checkpoint(path: Path, model, cfg, epoch: int, metrics: dict) -> None:
+    """A self-describing localiser checkpoint: config (task localize), stride, state."""
+    import timm
+
+    module = model.module if hasattr(model, "module") else model
+    tmp = path.with_suffix(".tmp")
+    payload = dict(config=cfg.to_dict(), task="localize", stride=module.stride, epoch=epoch, metrics=metrics,
+                   channels={g: list(r) for g, r in CHANNELS.items()}, levels=list(LEVELS),
+                   state_dict=module.state_dict(), versions=dict(torch=torch.__version__, timm=timm.__version__))
+    try:
+        torch.save(payload, tmp)
+        tmp.replace(path)
+    except (OSError, RuntimeError) as e:
+        tmp.unlink(missing_ok=True)
+        raise OSError(f"{path}: checkpoint could not be written ({e})") from e
+
+
+def load_localizer_checkpoint(path, device: str = "cpu") -> tuple[KeypointNet, "TrainConfig"]:
+    """(model in eval mode, TrainConfig) from a checkpoint written by `fit_localizer`; raises
+    ValueError for a checkpoint of another task (a classifier's)."""
+    import dataclasses
+
+    from ..config import TrainConfig
+
+    ckpt = torch.load(path, map_location=device, weights_only=False)
+    if ckpt.get("task") != "localize":
+        raise ValueError(f"{path}: not a localiser checkpoint (task {ckpt.get('task', 'classify')!r})")
+    cfg = TrainConfig.from_dict(ckpt["config"])
+    model = build_keypoint_model(dataclasses.replace(cfg.model, pretrained=False))
+    model.load_state_dict(ckpt["state_dict"])
+    return model.to(device).eval(), cfg
