@@ -85,7 +85,7 @@ def test_point_scores_count_wrong_levels_and_missing_points():
     swapped = base.assign(patient_z=[35.0, 70.0, 0.0])
     res = score_points(base, swapped, "median_mm")
     assert res.groups["level_accuracy"] == pytest.approx(1 / 3) and res.score == pytest.approx(35.0)
-    assert score_points(base, base.iloc[:2]).groups["p90_mm"] == np.inf  # a point without prediction is missed
+    assert score_points(base, base.iloc[:2]).groups["p90_mm"] == 100.0  # a point without prediction: MISSED_MM
     with pytest.raises(ValueError, match="localiser score"):
         score_points(base, base, "mean_mm")
 
@@ -119,3 +119,30 @@ def test_levels_are_placed_jointly_in_head_to_feet_order():
     placed = ordered_levels(stack, 4)
     assert [k for k, _, _ in placed] == [1] * 5
     assert np.allclose([v for _, _, v in placed], [4 * r + 1.5 for r in rows], atol=0.5)
+
+
+@pytest.mark.slow
+def test_the_localizer_learns_the_phantom_and_its_points_feed_the_layout_reader(phantom_dir, tmp_path):
+    """fit(task=localize) on the session phantom: its out-of-fold points land far closer than the
+    mean-position guess's; its checkpoint places every point of a study as a Localizer, in rows
+    the layout reader takes back."""
+    from trainer.fit import fit
+    from trainer.points.locate import Localizer, localize
+
+    cfg = TrainConfig.from_dict(dict(
+        task="localize", data=dict(data_dir=str(phantom_dir)), device="cpu", output_dir=str(tmp_path / "run"),
+        model=dict(backbone="test_resnet", pretrained=False, in_chans=3),
+        optim=dict(lr=3e-3, epochs=6, batch_size=16, warmup_ratio=0.1), localizer=dict(img_size=64, negatives=0.15)))
+    seen = []
+    result = fit(cfg, callbacks=[lambda epoch, m: seen.append(m["score"])])
+    assert len(seen) == 6 and result.best_epoch >= 1
+    assert result.groups["median_mm"] < 0.5 * result.prior_groups["median_mm"], (result.groups, result.prior_groups)
+    assert result.groups["level_accuracy"] > result.prior_groups["level_accuracy"]
+    assert set(result.tables) == {"oof_coordinates.csv"}
+    result.tables["oof_coordinates.csv"].to_csv(tmp_path / "oof.csv", index=False)
+    assert len(read_coordinates(tmp_path / "oof.csv")) == len(result.oof)
+    loc = Localizer.from_checkpoints([result.checkpoint])
+    rows = localize(loc, phantom_dir, "test")
+    rows.to_csv(tmp_path / "test_points.csv", index=False)
+    back = read_coordinates(tmp_path / "test_points.csv")
+    assert len(back) == 25 * 2  # every point of both test studies

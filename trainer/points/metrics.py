@@ -24,6 +24,7 @@ COORD_COLUMNS = ("study_id", "series_id", "instance_number", "condition", "level
 PATIENT_COLUMNS = ("patient_x", "patient_y", "patient_z", "slice")
 PLANE_NAMES = {"Sagittal T2/STIR": "sag_t2", "Sagittal T1": "sag_t1", "Axial T2": "axial"}
 SCORES = ("p90_mm", "median_mm")  # what a localiser trial may minimise
+MISSED_MM = 100.0  # the error of a labelled point without a prediction: beyond any level (discs ~35 mm apart)
 
 
 def with_patient_positions(rows: pd.DataFrame, load_volume) -> pd.DataFrame:
@@ -81,8 +82,9 @@ def point_errors(solution: pd.DataFrame, predicted: pd.DataFrame) -> pd.DataFram
 
 def summarize_errors(errors: pd.DataFrame, missing: int = 0) -> dict[str, float]:
     """Median and p90 error (mm), level accuracy and mean slice error, overall and per plane
-    (``sagittal`` pools sag_t2 and sag_t1). `missing` labelled points without a prediction count
-    as infinitely far (they make the p90 infinite when they are more than a tenth)."""
+    (``sagittal`` pools sag_t2 and sag_t1). `missing` labelled points without a prediction, and
+    predictions that could not be placed in patient space, count as `MISSED_MM` off, so a model
+    that places nothing scores 100 mm, not infinity."""
     out: dict[str, float] = {}
     parts = {"all": errors, "sagittal": errors[errors["plane"] != "axial"], "axial": errors[errors["plane"] == "axial"]}
     parts.update({p: errors[errors["plane"] == p] for p in ("sag_t2", "sag_t1")})
@@ -91,8 +93,8 @@ def summarize_errors(errors: pd.DataFrame, missing: int = 0) -> dict[str, float]
             continue
         err = e["error_mm"].to_numpy(float)
         if name == "all" and missing:
-            err = np.concatenate([err, np.full(missing, np.inf)])
-        err = np.where(np.isnan(err), np.inf, err)
+            err = np.concatenate([err, np.full(missing, MISSED_MM)])
+        err = np.where(np.isnan(err), MISSED_MM, err)
         prefix = "" if name == "all" else f"{name}_"
         out[f"{prefix}median_mm"] = float(np.median(err))
         out[f"{prefix}p90_mm"] = float(np.quantile(err, 0.9, method="higher"))
@@ -105,7 +107,7 @@ def summarize_errors(errors: pd.DataFrame, missing: int = 0) -> dict[str, float]
 def score_points(solution: pd.DataFrame, predicted: pd.DataFrame, score: str = "p90_mm") -> ScoreResult:
     """The localiser's validation score (lower is better): `score` (``p90_mm`` or ``median_mm``,
     over every labelled point) and every summary of `summarize_errors` as groups. A labelled point
-    without a prediction counts as missed. Raises ValueError for an unknown `score`."""
+    without a prediction counts as `MISSED_MM` off. Raises ValueError for an unknown `score`."""
     if score not in SCORES:
         raise ValueError(f"localiser score {score!r}: expected one of {', '.join(SCORES)}")
     errors = point_errors(solution, predicted)
