@@ -319,12 +319,33 @@ def define_data_check(p: argparse.ArgumentParser) -> Callable:
     return run
 
 
+def define_data_audit(p: argparse.ArgumentParser) -> Callable:
+    p.add_argument("--oof", metavar="FILE.csv", help="a localiser trial's oof.csv: also flag points far from its points")
+    p.add_argument("--far-mm", type=float, default=15.0, help="how far is far from the localiser (default: %(default)s mm)")
+    p.add_argument("--out", default="audit.csv", help="the review list (default: audit.csv)")
+
+    def run(args) -> int:
+        from trainer.points.audit import audit_folder
+
+        found = audit_folder(ensure_data(args.data), args.oof, args.far_mm)
+        found.to_csv(args.out, index=False)
+        counts = found["reason"].value_counts().to_dict()
+        print(json.dumps({"path": args.out, "points": len(found), "by_reason": counts}) if args.json else
+              f"{args.out}: {len(found)} labelled points to review, worst first {counts or ''}")
+        return 0
+
+    return run
+
+
 @command("data", "data folder tools (data check)")
 def define_data(p: argparse.ArgumentParser) -> Callable:
     sub = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)
     check = sub.add_parser("check", parents=[PARENTS["data"], PARENTS["json"]],
                            help="decode every series into the volume cache, cut every crop, report failures by reason")
     check.set_defaults(action=define_data_check(check))
+    audit = sub.add_parser("audit", parents=[PARENTS["data"], PARENTS["json"]],
+                           help="labelled points that are impossible or far from a localiser's, worst first, as a CSV")
+    audit.set_defaults(action=define_data_audit(audit))
     return lambda args: args.action(args)
 
 

@@ -146,3 +146,32 @@ def test_the_localizer_learns_the_phantom_and_its_points_feed_the_layout_reader(
     rows.to_csv(tmp_path / "test_points.csv", index=False)
     back = read_coordinates(tmp_path / "test_points.csv")
     assert len(back) == 25 * 2  # every point of both test studies
+
+
+def test_the_audit_finds_planted_errors_and_nothing_in_clean_labels(layout):
+    from trainer.points.audit import audit_points
+
+    store = VolumeStore(default_cache_dir())
+
+    def load(s, i):
+        return store.open(SeriesRef(int(s), int(i), layout.series_dir(s, i)))
+
+    a, b, c = layout.study_ids[:3]
+    coords = layout.coordinates[layout.coordinates["study_id"].isin([a, b, c])].reset_index(drop=True)
+    assert audit_points(coords, load).empty
+    bad = coords.copy()
+    canal = bad.index[(bad["study_id"] == a) & (bad["condition"] == "spinal_canal_stenosis")]
+    i1, i2 = [i for i in canal if bad.at[i, "level"] in ("l1_l2", "l2_l3")]
+    bad.loc[[i1, i2], "level"] = bad.loc[[i2, i1], "level"].to_numpy()  # swapped levels
+    left = bad.index[(bad["study_id"] == b) & (bad["condition"] == "left_neural_foraminal_narrowing")
+                     & (bad["level"] == "l3_l4")][0]
+    right = bad.index[(bad["study_id"] == b) & (bad["condition"] == "right_neural_foraminal_narrowing")
+                      & (bad["level"] == "l3_l4")][0]
+    bad.loc[left, ["instance_number", "x", "y"]] = bad.loc[right, ["instance_number", "x", "y"]].to_numpy()
+    lost = bad.index[bad["study_id"] == c][0]
+    bad.loc[lost, "instance_number"] = 99999
+    found = audit_points(bad, load)
+    reasons = {(int(r.study_id), r.reason) for r in found.itertuples()}
+    assert reasons == {(a, "levels_out_of_order"), (b, "wrong_side"), (c, "instance_missing")}
+    assert found.iloc[0]["reason"] == "instance_missing"  # worst first
+    assert set(found.loc[found["reason"] == "levels_out_of_order", "level"]) == {"l1_l2", "l2_l3"}
