@@ -175,3 +175,27 @@ def test_the_audit_finds_planted_errors_and_nothing_in_clean_labels(layout):
     assert reasons == {(a, "levels_out_of_order"), (b, "wrong_side"), (c, "instance_missing")}
     assert found.iloc[0]["reason"] == "instance_missing"  # worst first
     assert set(found.loc[found["reason"] == "levels_out_of_order", "level"]) == {"l1_l2", "l2_l3"}
+
+
+def test_a_localiser_is_named_or_the_error_says_what_to_do(layout, tmp_path):
+    from sweep.localize import point_source
+    from trainer.errors import UserError
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"  # never created: neither name reaches MLflow
+    with pytest.raises(UserError, match="expected prior, best"):
+        point_source("yolo", layout.root, uri)
+    not_a_localiser = tmp_path / "classifier.pt"
+    import torch
+
+    torch.save(dict(config=TrainConfig().to_dict()), not_a_localiser)
+    with pytest.raises(UserError, match="not a localiser checkpoint"):
+        point_source(str(not_a_localiser), layout.root, uri)
+
+
+@pytest.mark.slow
+def test_without_a_localiser_study_best_says_how_to_make_one(layout, tmp_path):
+    from sweep.localize import point_source
+    from trainer.errors import UserError
+
+    with pytest.raises(UserError, match="optuna-run localizer"):
+        point_source(None, layout.root, f"sqlite:///{tmp_path / 'mlflow.db'}")
