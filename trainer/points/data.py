@@ -68,14 +68,21 @@ def slice_frame(vol: Volume, index: int, size: int, group: str) -> SliceFrame:
     return SliceFrame(rows, cols, size, *canonical_flips(vol.orientations[index], group))
 
 
-def slice_input(vol: Volume, index: int, in_chans: int, size: int, group: str) -> tuple[np.ndarray, SliceFrame]:
+def slice_input(vol: Volume, index: int, in_chans: int, size: int, group: str,
+                resized: dict | None = None) -> tuple[np.ndarray, SliceFrame]:
     """(image float32 ``[in_chans, size, size]`` in [0, 1], frame): slice `index` and its
-    neighbours (clamped at the series' ends), each resized to the grid and flipped canonically."""
+    neighbours (clamped at the series' ends), each resized to the grid and flipped canonically.
+    `resized`, a dict shared over the slices of one series, keeps each resized slice for its
+    neighbours (a whole series costs one resize per slice, not `in_chans`)."""
     frame = slice_frame(vol, index, size, group)
     out = np.empty((in_chans, size, size), dtype=np.float32)
     for k, off in enumerate(range(-(in_chans // 2), in_chans - in_chans // 2)):
         j = min(max(index + off, 0), len(vol) - 1)
-        img = cv2.resize(np.asarray(vol.images[j]), (size, size), interpolation=cv2.INTER_AREA)
+        img = resized.get(j) if resized is not None else None
+        if img is None:
+            img = cv2.resize(np.asarray(vol.images[j]), (size, size), interpolation=cv2.INTER_AREA)
+            if resized is not None:
+                resized[j] = img
         if frame.flip_x:
             img = img[:, ::-1]
         if frame.flip_y:

@@ -207,9 +207,9 @@ class Localizer:
     @torch.no_grad()
     def heatmaps(self, vol: Volume, indices, group: str) -> tuple[list[SliceFrame], list[np.ndarray]]:
         """Frames and heatmaps (the group's channels, [0, 1], mean over the models) of some slices."""
-        frames, images = [], []
+        frames, images, resized = [], [], {}
         for i in indices:
-            img, fr = slice_input(vol, i, self.cfg.model.in_chans, self.cfg.localizer.img_size, group)
+            img, fr = slice_input(vol, i, self.cfg.model.in_chans, self.cfg.localizer.img_size, group, resized)
             frames.append(fr)
             images.append(img)
         chans = list(CHANNELS[group])
