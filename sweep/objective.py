@@ -210,5 +210,7 @@ def _fold_artifacts(folder: Path, result, fold: int, n_folds: int) -> None:
     (folder / names.fold_file("confusion", fold, n_folds)).write_text(json.dumps(result.confusion, indent=2))
     pd.DataFrame(result.history).to_csv(folder / names.fold_file("history", fold, n_folds), index=False)
     (folder / names.AUGMENT).write_text(json.dumps(result.augment_pipeline, indent=2, default=str))
+    for name, table in result.tables.items():  # the task's own per-fold tables (a localiser's points)
+        table.to_csv(folder / names.fold_table(name, fold), index=False)
     if result.checkpoint and Path(result.checkpoint).exists():
         shutil.move(result.checkpoint, folder / names.fold_file("checkpoint", fold, n_folds))
