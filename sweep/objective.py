@@ -172,7 +172,9 @@ def run_trial(trial: optuna.Trial, space: SearchSpace, ctx: TrialContext, tracke
         tracker.log_batch(run_id, metrics=final, step=len(space.folds) * cfg.optim.epochs + 1, tags={
             "pretrained_loaded": results[0].pretrained_loaded,
             "environment.device_name": results[0].environment["device_name"],
-            "environment.amp": results[0].environment["amp"]})
+            "environment.amp": results[0].environment["amp"],
+            "environment.cpu": results[0].environment.get("cpu", ""),
+            "environment.cpu_capability": results[0].environment.get("cpu_capability", "")})
         trial.set_user_attr("prior_score", prior)
         tracker.end_run(run_id, "FINISHED")
         return optuna.trial.TrialState.COMPLETE, total.score, f"score {total.score:.4f}"

@@ -117,11 +117,26 @@ def train_val_split(layout: Layout, cfg: TrainConfig, cache_root: Path, fingerpr
     return sorted(train), sorted(val)
 
 
+def cpu_model() -> str:
+    """The processor's model name (``/proc/cpuinfo``; `platform.processor()` elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
 def environment(device: torch.device, amp_dtype) -> dict:
+    """Where a run trained: device and its name, AMP dtype, torch threads, the processor and ATen's
+    CPU capability (CPU scores repeat exactly only on the same kind of processor: oneDNN picks
+    kernels by instruction set), and the versions of the libraries that decide the numbers."""
     import albumentations
     import timm
 
     return dict(
+        cpu=cpu_model(), cpu_capability=torch.backends.cpu.get_cpu_capability(),
         device=str(device),
         device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         amp=str(amp_dtype).replace("torch.", "") if amp_dtype else "off",
