@@ -72,6 +72,8 @@ def confusion(tracker: Tracker, run_id: str) -> dict[str, list[list[int]]]:
 def calibration(oof: pd.DataFrame, solution: pd.DataFrame, bins: int = 10) -> dict[str, list]:
     """Reliability of predicted probabilities: for every (row, class) pair, bin the predicted
     probability and compare the bin's mean prediction with how often the class was the truth."""
+    if "row_id" not in oof.columns or "row_id" not in solution.columns:  # a localiser's OOF: points, no probabilities
+        return {"predicted": [], "observed": [], "count": []}
     merged = oof.merge(solution, on="row_id", suffixes=("_p", "_t"))
     if merged.empty:
         return {"predicted": [], "observed": [], "count": []}

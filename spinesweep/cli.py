@@ -333,9 +333,29 @@ def data_check(args: argparse.Namespace) -> int:
     return emit(args, summary, text)
 
 
+def _data_audit_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--oof", metavar="FILE.csv", help="a localiser trial's oof.csv: also flag points far from its points")
+    p.add_argument("--far-mm", type=positive_float, default=15.0,
+                   help="how far is far from the localiser (default: %(default)s mm)")
+    p.add_argument("--out", default="audit.csv", help="the review list (default: audit.csv)")
+
+
+def data_audit(args: argparse.Namespace) -> int:
+    """`optuna-run data audit`."""
+    from trainer.points.audit import audit_folder
+
+    found = audit_folder(ensure_data(args.data), args.oof, args.far_mm)
+    found.to_csv(args.out, index=False)
+    counts = found["reason"].value_counts().to_dict()
+    return emit(args, {"path": args.out, "points": len(found), "by_reason": counts}, lambda: print(
+        f"{args.out}: {len(found)} labelled points to review, worst first {counts or ''}"))
+
+
 DATA_ACTIONS: dict[str, tuple[str, Callable, Callable]] = {
     "check": ("decode every series into the volume cache, cut every crop, report failures by reason",
               _data_check_arguments, data_check),
+    "audit": ("labelled points that are impossible or far from a localiser's, worst first, as a CSV",
+              _data_audit_arguments, data_audit),
 }
 
 
@@ -347,7 +367,7 @@ def _data_arguments(p: argparse.ArgumentParser) -> None:
         action.set_defaults(action=handler)
 
 
-@command("data", "data folder tools (data check)", arguments=_data_arguments)
+@command("data", "data folder tools (data check, data audit)", arguments=_data_arguments)
 def data(args: argparse.Namespace) -> int:
     return args.action(args)
 
@@ -520,6 +540,10 @@ def _predict_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ensemble", default="default", help="the ensemble (default: default)")
     p.add_argument("--out", default="submission.csv", help="the submission file (default: submission.csv)")
     p.add_argument("--device", default="cpu", help="torch device for inference (default: cpu)")
+    p.add_argument("--localizer", metavar="URI",
+                   help="where the crops are cut: a localiser checkpoint file or folder, runs:/RUN_ID, study:NAME, "
+                        "best, or prior (the mean-position guess); default: the best trial of the study 'localizer' "
+                        "when there is one, else the guess (with a warning)")
 
 
 @command("predict", "the ensemble on the test studies: a Kaggle submission", parents=("tracking", "data"),
@@ -528,14 +552,33 @@ def predict(args: argparse.Namespace) -> int:
     from sweep.predict import predict as submit
 
     data_dir = ensure_data(args.data)
-    out = submit(str(data_dir), args.out, _tracking(args), args.ensemble, args.device)
+    out = submit(str(data_dir), args.out, _tracking(args), args.ensemble, args.device, localizer=args.localizer)
     filled = (f"; conditions no member covers, filled with the training label frequencies: "
               f"{', '.join(out['filled_with_label_prior'])}" if out["filled_with_label_prior"] else "")
     fell_back = (f"; {out['fallback_rows']} rows of {len(out['fallback_studies'])} studies fell back to the "
                  "training label frequencies (their crops could not be built: see above)" if out["fallback_rows"] else "")
     return emit(args, out, lambda: print(
         f"submission {out['path']}: {out['rows']} rows for {out['studies']} test studies, "
-        f"{len(out['members'])} member(s), weights {[round(w, 3) for w in out['weights']]}{filled}{fell_back}"))
+        f"{len(out['members'])} member(s), weights {[round(w, 3) for w in out['weights']]}{filled}{fell_back}; "
+        f"points by {out['points']}"))
+
+
+def _localize_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--split", choices=["test", "train"], default="test", help="which studies (default: test)")
+    p.add_argument("--model", metavar="URI", help="the localiser: a checkpoint file or folder, runs:/RUN_ID, "
+                   "study:NAME, best (default: the best trial of the study 'localizer'), or prior (the mean-position guess)")
+    p.add_argument("--out", required=True, metavar="FILE.csv", help="the points file to write")
+    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+
+
+@command("localize", "every study's points by a localiser, in the train_label_coordinates.csv form",
+         parents=("tracking", "data"), arguments=_localize_arguments)
+def localize(args: argparse.Namespace) -> int:
+    from sweep.localize import localize_to_csv
+
+    out = localize_to_csv(ensure_data(args.data), args.out, _tracking(args), args.model, args.split, args.device)
+    return emit(args, out, lambda: print(
+        f"{out['path']}: {out['rows']} points of {out['studies']} {out['split']} studies, by {out['localizer']}"))
 
 
 # ------------------------------------------------------------------ the manual log

@@ -26,6 +26,13 @@ def fold_file(kind: str, fold: int, n_folds: int = 2) -> str:
     return f"{kind}{f'_fold{fold}' if n_folds > 1 else ''}.{_SUFFIX[kind]}"
 
 
+def fold_table(name: str, fold: int) -> str:
+    """The artifact name of a task's own per-fold table `name` (``points.csv`` -> ``points_fold0.csv``:
+    a localiser's out-of-fold points)."""
+    stem, ext = name.rsplit(".", 1)
+    return f"{stem}_fold{fold}.{ext}"
+
+
 def parse_fold_file(name: str) -> tuple[str, int | None] | None:
     """``"history_fold2.csv"`` -> ``("history", 2)``, ``"history.csv"`` -> ``("history", None)``;
     None for any other name."""

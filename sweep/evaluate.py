@@ -48,8 +48,13 @@ class FoldScores:
         return pd.concat(self.extra_solution + [r.solution for r in self.results], ignore_index=True)
 
     def score(self) -> ScoreResult:
-        """The host metric on the joined OOF predictions of every fold (not a mean of fold scores)."""
-        return score_groups(self.solution, self.oof)
+        """The task's score (the host metric for a classifier, the point error for a localiser)
+        on the joined OOF predictions of every fold (not a mean of fold scores)."""
+        if not self.results:
+            return score_groups(self.solution, self.oof)  # folds trained earlier only: classifier OOF
+        from trainer.fit import score_oof
+
+        return score_oof(self.results[0].config, self.solution, self.oof)
 
     @property
     def prior_score(self) -> float:

@@ -9,7 +9,9 @@
 
 The checkpoints of every fold it was trained on are the model's artifacts; predictions are the
 mean over them (`trainer.infer.predict_studies`). `params={"split": "train", "device": "cuda"}`
-predicts training studies or on a GPU. The model needs the spinesweep package where it is loaded
+predicts training studies or on a GPU; `params={"points": "points.csv"}` crops around a
+localiser's points (a ``train_label_coordinates.csv``-form file, `optuna-run localize`) instead
+of the mean-position guess. The model needs the spinesweep package where it is loaded
 (its pip requirements say so); its signature and input example are stored with it.
 """
 from __future__ import annotations
@@ -37,10 +39,16 @@ class PromotedModel(mlflow.pyfunc.PythonModel):
         missing = [c for c in INPUT_COLUMNS if c not in model_input.columns]
         if missing:
             raise ValueError(f"model input needs columns {list(INPUT_COLUMNS)}; missing {missing}")
+        points = None
+        if params.get("points"):  # a localiser's points (optuna-run localize), else the mean-position guess
+            from trainer.infer import PointTable
+
+            points = PointTable.from_csv(params["points"])
         frames = []
         for data_dir, group in model_input.groupby("data_dir", sort=False):
             frames.append(predict_studies(self.checkpoints, data_dir, [int(s) for s in group["study_id"]],
-                                          split=params.get("split", "test"), device=params.get("device", "cpu")))
+                                          split=params.get("split", "test"), device=params.get("device", "cpu"),
+                                          prior=points))
         if not frames:
             return pd.DataFrame(columns=["row_id", *TARGET_COLUMNS, "fallback"])
         return pd.concat(frames, ignore_index=True)
@@ -54,7 +62,8 @@ def signature():
         inputs=Schema([ColSpec("string", "data_dir"), ColSpec("long", "study_id")]),
         outputs=Schema([ColSpec("string", "row_id"), *(ColSpec("double", c) for c in TARGET_COLUMNS),
                         ColSpec("string", "fallback", required=False)]),
-        params=ParamSchema([ParamSpec("split", "string", "test"), ParamSpec("device", "string", "cpu")]))
+        params=ParamSchema([ParamSpec("split", "string", "test"), ParamSpec("device", "string", "cpu"),
+                            ParamSpec("points", "string", "")]))
 
 
 def requirements() -> list[str]:

@@ -172,7 +172,9 @@ def run_trial(trial: optuna.Trial, space: SearchSpace, ctx: TrialContext, tracke
         tracker.log_batch(run_id, metrics=final, step=len(space.folds) * cfg.optim.epochs + 1, tags={
             "pretrained_loaded": results[0].pretrained_loaded,
             "environment.device_name": results[0].environment["device_name"],
-            "environment.amp": results[0].environment["amp"]})
+            "environment.amp": results[0].environment["amp"],
+            "environment.cpu": results[0].environment.get("cpu", ""),
+            "environment.cpu_capability": results[0].environment.get("cpu_capability", "")})
         trial.set_user_attr("prior_score", prior)
         tracker.end_run(run_id, "FINISHED")
         return optuna.trial.TrialState.COMPLETE, total.score, f"score {total.score:.4f}"
@@ -210,5 +212,7 @@ def _fold_artifacts(folder: Path, result, fold: int, n_folds: int) -> None:
     (folder / names.fold_file("confusion", fold, n_folds)).write_text(json.dumps(result.confusion, indent=2))
     pd.DataFrame(result.history).to_csv(folder / names.fold_file("history", fold, n_folds), index=False)
     (folder / names.AUGMENT).write_text(json.dumps(result.augment_pipeline, indent=2, default=str))
+    for name, table in result.tables.items():  # the task's own per-fold tables (a localiser's points)
+        table.to_csv(folder / names.fold_table(name, fold), index=False)
     if result.checkpoint and Path(result.checkpoint).exists():
         shutil.move(result.checkpoint, folder / names.fold_file("checkpoint", fold, n_folds))

@@ -137,6 +137,9 @@ def promote(study_name: str, storage_url: str, tracking_uri: str, trial: int | N
                              float(v.tags.get("oof_score", "nan")), {}, already=True)
     run = tracker.get_run(run_id)
     cfg = run_config(tracker, run)
+    if cfg.task != "classify":  # the registered model is a classifier's pyfunc (sweep/model.py)
+        raise PromoteError(f"trial {t.number} of {study_name!r} is a localiser (task {cfg.task}): promoting one is not "
+                           f"supported yet; use its points with optuna-run localize --model runs:/{run_id}")
     if data_dir:
         cfg = cfg.with_overrides({"data.data_dir": data_dir})
     evaluated = [int(f) for f in run.data.tags.get("spinesweep.folds", str(cfg.data.fold)).split(",")]

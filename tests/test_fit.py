@@ -46,6 +46,8 @@ def test_fit_returns_a_complete_result(tiny_fit):
     else:
         assert r.environment["device"] == "cpu" and r.environment["amp"] == "off"
     assert r.pretrained_loaded is False
+    # CPU scores repeat only on the same kind of processor (README, "The trainer"): recorded
+    assert r.environment["cpu_capability"] == torch.backends.cpu.get_cpu_capability() and r.environment["cpu"]
     assert r.augment_pipeline["transform"]["__class_fullname__"] == "Compose"
     assert r.n_train > r.n_val > 0
 

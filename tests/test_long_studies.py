@@ -249,10 +249,15 @@ def stalling_fit(storage_url: str, study_name: str, marker: Path):
     def other_host(epoch, metrics):
         if epoch == 1 and not marker.exists():
             marker.touch()
-            time.sleep(1.5)  # no heartbeat for longer than the other side's 1 s grace period
             other = RDBStorage(storage_url, heartbeat_interval=1, grace_period=1,
                                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback())
-            fail_stale_trials(optuna.load_study(study_name=study_name, storage=other))
+            study = optuna.load_study(study_name=study_name, storage=other)
+            deadline = time.time() + 60
+            # no heartbeat for longer than the other side's 1 s grace period (the worker beats every
+            # 60 s): it fails the trial as soon as it sees it stale, however loaded the machine
+            while study.trials[0].state == optuna.trial.TrialState.RUNNING and time.time() < deadline:
+                time.sleep(0.5)
+                fail_stale_trials(study)
 
     def fit(cfg, callbacks=(), progress=None):
         return quick_fit(cfg, callbacks=[other_host, *callbacks])

@@ -121,8 +121,11 @@ def test_every_command_of_the_readme_table_runs(tmp_path):
     done["runs legacy"] = run(["runs", "legacy", "--top", "1", "--lineage", "exp002"], tmp_path)
     done["promote"] = run(["promote", "demo-smoke", "--folds", "all"], tmp_path)
     done["ensemble"] = run(["ensemble", "--name", "default", "--weights", "equal"], tmp_path)
-    done["predict"] = run(["predict", "--data", str(data), "--ensemble", "default", "--out",
+    done["predict"] = run(["predict", "--data", str(data), "--ensemble", "default", "--localizer", "prior", "--out",
                            str(tmp_path / "submission.csv")], tmp_path)
+    done["localize"] = run(["localize", "--data", str(data), "--split", "test", "--model", "prior", "--out",
+                            str(tmp_path / "points.csv")], tmp_path)
+    done["data audit"] = run(["data", "audit", "--data", str(data), "--out", str(tmp_path / "audit.csv")], tmp_path)
     assert "submission" in done["predict"] and (tmp_path / "submission.csv").exists()
     port = free_port()
     done["ui"] = serve(OPTUNA_RUN + ["ui", "--port", str(port), "--host", "127.0.0.1"], tmp_path, port)

@@ -9,8 +9,9 @@ ALL = sorted(SPACES_DIR.rglob("*.yaml"))
 
 def test_every_space_file_is_collected():
     # recursive, and the count is pinned so a file that is not picked up fails here
-    assert len(ALL) == 6
-    assert {p.stem for p in ALL} == {"demo", "scs_heads", "nfn_backbones", "slices_windows", "augment", "full"}
+    assert len(ALL) == 7
+    assert {p.stem for p in ALL} == {"demo", "scs_heads", "nfn_backbones", "slices_windows", "augment", "full",
+                                     "localizer"}
     assert available_spaces() == sorted(p.stem for p in ALL)
 
 

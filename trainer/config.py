@@ -102,11 +102,29 @@ class AugmentConfig:
 
 
 @dataclass(frozen=True)
+class LocalizerConfig:
+    """The keypoint model (`task: localize`): per slice, one Gaussian heatmap per level (canal on
+    Sagittal T2/STIR, foramen on Sagittal T1) or per side (recess on Axial T2), fading on the
+    neighbouring slices, so that the peak picks the slice as well as the point. It shares
+    `model.backbone`, `model.pretrained`, `model.in_chans` (neighbouring slices per image), the
+    optimiser, `data` (folder, folds, conditions: which points) and `seed` with the classifier."""
+
+    img_size: int = 96  # every slice resized to img_size x img_size
+    sigma: float = 1.5  # the heatmap Gaussian's sd, in heatmap cells (the backbone's stride-4 grid)
+    slice_sigma_mm: float = 2.0  # a point's heatmap fades with its distance from a slice (sd, mm)
+    affine: float = 0.5  # augmentation strength in [0, 1]: scale +-20%, shift +-10%, rotation +-15 deg, contrast
+    negatives: float = 0.3  # share of the slices far from every point that each epoch trains on
+    score: Literal["p90_mm", "median_mm"] = "p90_mm"  # the validation score (point error, all points)
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    localizer: LocalizerConfig = field(default_factory=LocalizerConfig)
+    task: Literal["classify", "localize"] = "classify"  # the model family `fit` trains
     seed: int = 42
     device: str = "auto"  # auto / cpu / cuda / cuda:N
     amp: bool = True  # used on CUDA only
@@ -347,6 +365,15 @@ def _validate(obj, prefix: str) -> None:
         for k in ("crop_shift", "crop_scale"):
             if not 0 <= getattr(obj, k) < 1:
                 raise ConfigError(f"{prefix}{k}: must be in [0, 1), got {getattr(obj, k)}")
+    elif isinstance(obj, LocalizerConfig):
+        if obj.img_size < 32 or obj.img_size % 32:
+            raise ConfigError(f"{prefix}img_size: must be a multiple of 32 and >= 32, got {obj.img_size}")
+        for k in ("sigma", "slice_sigma_mm"):
+            if getattr(obj, k) <= 0:
+                raise ConfigError(f"{prefix}{k}: must be > 0, got {getattr(obj, k)}")
+        for k in ("affine", "negatives"):
+            if not 0 <= getattr(obj, k) <= 1:
+                raise ConfigError(f"{prefix}{k}: must be in [0, 1], got {getattr(obj, k)}")
     elif isinstance(obj, TrainConfig):
         if obj.num_workers < -1:
             raise ConfigError(f"{prefix}num_workers: must be >= 0, or -1 for auto, got {obj.num_workers}")

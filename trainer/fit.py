@@ -8,11 +8,8 @@ epoch's validation; returning True stops the run (it still returns a FitResult, 
 from __future__ import annotations
 
 import math
-import platform
-import random
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -23,85 +20,29 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from .augment import build_augment, describe
-from .config import ConfigError, TrainConfig
+from .config import TrainConfig
 from .data.cache import data_fingerprint, default_cache_dir
 from .data.crops import CropSpec, lacking_conditions
 from .data.dataset import SpineDataset
 from .data.samples import SampleSource
 from .data.volumes import VolumeStore, cache_budget
-from .data.folds import load_folds
 from .data.layout import TARGET_COLUMNS, Layout, parse_row_ids
 from .metric import build_solution, class_prior, predictions_frame, score_groups
 from .models import build_model
-
-Callback = Callable[[int, dict], "bool | None"]
-
-
-@dataclass
-class FitResult:
-    config: TrainConfig
-    history: list[dict]  # one dict of metrics per epoch
-    best_epoch: int  # 1-based, chosen by config.select_by
-    score: float  # validation score at the best epoch
-    groups: dict[str, float]  # its per-group losses
-    prior_score: float  # predicting the training fold's class frequencies on the same rows
-    prior_groups: dict[str, float]
-    oof: pd.DataFrame  # validation predictions at the best epoch, Kaggle form
-    solution: pd.DataFrame  # the matching solution rows
-    confusion: dict[str, list[list[int]]]  # per condition, rows = truth, columns = prediction
-    checkpoint: str | None
-    environment: dict
-    pretrained_loaded: bool
-    augment_pipeline: dict
-    data_fingerprint: str
-    n_train: int
-    n_val: int
-    stopped_early: bool = False
-    stop_reason: str = ""
-    seconds: float = 0.0
+# the loop's shared parts live in `training`; imported here too, as before (trainer.fit.resolve_device...)
+from .training import (EMA, Callback, FitResult, environment, loader_workers, lr_lambda,  # noqa: F401
+                       resolve_device, seed_everything, train_val_split, worker_init)
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {name!r} asked for, but CUDA is not available on this machine")
-    return dev
+def score_oof(cfg: TrainConfig, solution: pd.DataFrame, oof: pd.DataFrame):
+    """The validation score of `cfg.task`'s out-of-fold rows (a `metric.ScoreResult`): the host
+    metric for the classifier, the point error for the localiser; so the OOF rows of several
+    folds are scored together by whoever joins them, without knowing the task."""
+    if cfg.task == "localize":
+        from .points.metrics import score_points
 
-
-def loader_workers(configured: int, device: torch.device) -> int:
-    """DataLoader worker processes: the configured number, or for -1 (auto) on CUDA this
-    process's core share (its torch threads, which a study's worker sets to cores / concurrent
-    trials) less one for the training loop, at most 8; on the CPU none, since every core already
-    trains and crops cost little next to a CPU forward pass."""
-    if configured >= 0:
-        return configured
-    if device.type != "cuda":
-        return 0
-    return max(1, min(8, torch.get_num_threads() - 1))
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def lr_lambda(cfg, total_steps: int) -> Callable[[int], float]:
-    warmup = int(cfg.optim.warmup_ratio * total_steps)
-
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        if cfg.optim.scheduler == "constant":
-            return 1.0
-        progress = (step - warmup) / max(1, total_steps - warmup)
-        if cfg.optim.scheduler == "linear":
-            return max(0.0, 1 - progress)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-    return f
+        return score_points(solution, oof, cfg.localizer.score)
+    return score_groups(solution, oof)
 
 
 def weighted_loss(logits, target, mask, class_weights, focal_gamma: float = 0.0, smoothing: float = 0.0):
@@ -126,33 +67,6 @@ def _one_hot(target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return F.one_hot(target.clamp_min(0), 3).float() * mask[..., None], mask
 
 
-class _EMA:
-    """Exponential moving average of the weights (and buffers), kept on the model's device."""
-
-    def __init__(self, model: torch.nn.Module, decay: float):
-        self.decay = decay
-        self.model = torch.optim.swa_utils.AveragedModel(
-            model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(decay), use_buffers=True)
-
-    def update(self, model):
-        self.model.update_parameters(model)
-
-
-def train_val_split(layout: Layout, cfg: TrainConfig, cache_root: Path, fingerprint: str):
-    """(training, validation) study ids of `cfg.data.fold`, sorted."""
-    folds = load_folds(layout, cfg.data.n_folds, cfg.data.folds_seed, cache_root, fingerprint)
-    if cfg.data.max_studies:
-        # keep the first studies of every fold, so capped runs keep the same split
-        per_fold = max(1, cfg.data.max_studies // cfg.data.n_folds)
-        folds = folds.groupby("fold", group_keys=False).head(per_fold)
-    val = folds.loc[folds["fold"] == cfg.data.fold, "study_id"].tolist()
-    train = folds.loc[folds["fold"] != cfg.data.fold, "study_id"].tolist()
-    if not val or not train:
-        raise ConfigError(f"data.fold={cfg.data.fold}: empty train or validation split "
-                         f"({len(train)} / {len(val)} studies)")
-    return sorted(train), sorted(val)
-
-
 def prior_predictions(layout: Layout, train_ids, val_ds: SpineDataset) -> pd.DataFrame:
     """Every validation row gets its condition's class frequencies in the training fold."""
     labels = layout.labels
@@ -174,25 +88,15 @@ def confusion_matrices(solution: pd.DataFrame, oof: pd.DataFrame, conditions) ->
             for cond in conditions}
 
 
-def environment(device: torch.device, amp_dtype) -> dict:
-    import albumentations
-    import timm
-
-    return dict(
-        device=str(device),
-        device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        amp=str(amp_dtype).replace("torch.", "") if amp_dtype else "off",
-        threads=torch.get_num_threads(),
-        python=platform.python_version(), torch=torch.__version__, timm=timm.__version__,
-        albumentations=albumentations.__version__, numpy=np.__version__,
-        cuda=torch.version.cuda if device.type == "cuda" else None,
-    )
-
-
 def fit(cfg: TrainConfig, callbacks: Iterable[Callback] = (), progress: Callable | None = None) -> FitResult:
     """Train on every fold but `cfg.data.fold`, validate on it each epoch; see the module doc.
 
-    `progress(stage, done, total)` is an optional hook for progress bars."""
+    `progress(stage, done, total)` is an optional hook for progress bars. `cfg.task` picks the
+    model family: ``classify`` (this loop) or ``localize`` (`points.fit.fit_localizer`)."""
+    if cfg.task == "localize":
+        from .points.fit import fit_localizer
+
+        return fit_localizer(cfg, callbacks, progress)
     t_start = time.perf_counter()
     callbacks = list(callbacks)
     seed_everything(cfg.seed)
@@ -220,7 +124,7 @@ def fit(cfg: TrainConfig, callbacks: Iterable[Callback] = (), progress: Callable
     workers = loader_workers(cfg.num_workers, device)
     loader_kw = dict(num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=workers > 0)
     train_dl = DataLoader(train_ds, batch_size=cfg.optim.batch_size, shuffle=True, drop_last=len(train_ds) > cfg.optim.batch_size,
-                          generator=g, worker_init_fn=_worker_init, **loader_kw)
+                          generator=g, worker_init_fn=worker_init, **loader_kw)
     val_dl = DataLoader(val_ds, batch_size=cfg.optim.batch_size * 2, shuffle=False, **loader_kw)
 
     solution = build_solution(layout, val_ids, conditions)
@@ -233,7 +137,7 @@ def fit(cfg: TrainConfig, callbacks: Iterable[Callback] = (), progress: Callable
     block_names = [b for b, _ in spec.blocks()]
 
     model = build_model(cfg.model, spec.n_slices, len(conditions)).to(device)
-    ema = _EMA(model, cfg.optim.ema) if cfg.optim.ema else None
+    ema = EMA(model, cfg.optim.ema) if cfg.optim.ema else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     total_steps = max(1, cfg.optim.epochs * len(train_dl))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
@@ -285,16 +189,6 @@ def fit(cfg: TrainConfig, callbacks: Iterable[Callback] = (), progress: Callable
         del model, optimizer, scheduler, ema, train_dl, val_dl
         if device.type == "cuda":
             torch.cuda.empty_cache()
-
-
-def _worker_init(worker_id: int) -> None:
-    info = torch.utils.data.get_worker_info()
-    seed = int(info.seed % 2**31)
-    np.random.seed(seed)
-    random.seed(seed)
-    transform = getattr(info.dataset, "transform", None)
-    if transform is not None and hasattr(transform, "set_random_seed"):
-        transform.set_random_seed(seed)
 
 
 def _train_epoch(model, loader, optimizer, scheduler, scaler, ema, cfg, device, amp_dtype, class_w, epoch, progress):

@@ -1,7 +1,9 @@
 """Predictions on studies without labelled coordinates (Kaggle's test studies).
 
 Test studies come with images only. Each model still needs its own crops, so the points are
-placed from the series geometry with what the training data teaches (`LevelPrior`): for every
+placed by a point source: a trained localiser (`points.locate.Localizer`), points read from a
+file (`points.prior.PointTable`, e.g. `optuna-run localize`'s output), or by default the mean
+position the training data teaches (`points.prior.LevelPrior`): for every
 (condition, level), the mean position of its labelled points as a fraction of the stack (slice
 index / (slices - 1), along the sorted normal) and of the image (x / columns, y / rows). The
 canal point sits on the centre slices of Sagittal T2, each foramen on its side of Sagittal T1; the
@@ -17,7 +19,6 @@ of the data folder's train.csv), and the row's ``fallback`` column says why.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -28,76 +29,11 @@ from .data.cache import default_cache_dir
 from .data.crops import SERIES_OF_BLOCK, CropSpec, build_study_crops, lacking_conditions
 from .data.dataset import normalize_stack
 from .data.dicom import DicomWarning
-from .data.layout import CONDITIONS, LEVELS, PLANE_OF_CONDITION, TARGET_COLUMNS, Layout, row_id
-from .data.layout import LayoutError
+from .data.layout import LEVELS, TARGET_COLUMNS, Layout, row_id
 from .data.volumes import SeriesRef, VolumeStore
 from .fit import load_checkpoint
 from .metric import class_prior
-
-
-@dataclass
-class LevelPrior:
-    """Mean relative point positions per (condition, level): slice, x and y fractions."""
-
-    table: dict[tuple[str, str], tuple[float, float, float]]
-
-    @classmethod
-    def fit(cls, layout: Layout, cache_root: Path | None = None, max_studies: int = 200) -> "LevelPrior":
-        volumes = VolumeStore(Path(cache_root or default_cache_dir()))
-        coords = layout.coordinates
-        coords = coords[coords["study_id"].isin(layout.study_ids[:max_studies])]
-        rows: dict[tuple[str, str], list[tuple[float, float, float]]] = {}
-        for (study_id, series_id), group in coords.groupby(["study_id", "series_id"]):
-            try:
-                vol = volumes.open(SeriesRef(study_id, series_id, layout.series_dir(study_id, series_id)))
-            except Exception as e:  # an unreadable training series teaches nothing; others do
-                warnings.warn(f"level prior: study {study_id} series {series_id} skipped ({e})", DicomWarning)
-                continue
-            n = len(vol)
-            for r in group.itertuples(index=False):
-                idx = vol.index_of_instance(int(r.instance_number))
-                if idx is None:
-                    continue
-                h, w = vol.images[idx].shape
-                rows.setdefault((r.condition, r.level), []).append(
-                    (idx / max(n - 1, 1), float(r.x) / w, float(r.y) / h))
-        if not rows:
-            raise LayoutError(f"{layout.root}: no usable labelled coordinates to learn level positions from")
-        return cls({k: tuple(np.mean(v, axis=0)) for k, v in rows.items()})
-
-    def coordinates(self, study_id: int, series: dict[str, list[int]], load_volume,
-                    problems: dict[str, str] | None = None) -> pd.DataFrame:
-        """Synthetic train_label_coordinates rows for one study (sagittal conditions only: the
-        axial block takes the canal point through patient space). A series kind the study lacks,
-        or whose series cannot be read, gives no rows; `problems`, when given, receives why, by
-        series description."""
-        out = []
-        problems = {} if problems is None else problems
-        for cond in CONDITIONS:
-            desc = PLANE_OF_CONDITION[cond]
-            if desc == "Axial T2":
-                continue
-            if not series.get(desc):
-                problems[desc] = f"no {desc} series in the series descriptions"
-                continue
-            series_id = series[desc][0]
-            try:
-                vol = load_volume(series_id)
-            except Exception as e:
-                if desc not in problems:
-                    warnings.warn(f"study {study_id} series {series_id}: {e}", DicomWarning)
-                problems[desc] = f"{desc} series {series_id} unreadable or missing on disk ({str(e)[:160]})"
-                continue
-            for level in LEVELS:
-                if (cond, level) not in self.table:
-                    continue
-                fz, fx, fy = self.table[(cond, level)]
-                idx = int(round(fz * (len(vol) - 1)))
-                h, w = vol.images[idx].shape
-                out.append(dict(study_id=study_id, series_id=series_id,
-                                instance_number=int(vol.instance_numbers[idx]), condition=cond, level=level,
-                                x=fx * w, y=fy * h))
-        return pd.DataFrame(out, columns=["study_id", "series_id", "instance_number", "condition", "level", "x", "y"])
+from .points.prior import LevelPrior, PointTable  # noqa: F401  (point sources, importable from here as before)
 
 
 @torch.no_grad()
@@ -108,7 +44,10 @@ def predict_studies(checkpoints: list[str | Path], data_dir: str | Path, study_i
     probabilities and ``fallback`` (empty where the model answered; else why the row holds the
     training label frequencies instead: its crop could not be built). Each checkpoint predicts
     every study's five levels, probabilities are averaged over checkpoints. Covers the
-    conditions the model was trained on. Raises LayoutError when the data folder cannot be read."""
+    conditions the model was trained on. `prior` is the point source the crops are cut around:
+    anything with `LevelPrior.coordinates`' signature (a `PointTable`, a `points.locate.Localizer`);
+    default: the mean-position guess fitted on the training points. Raises LayoutError when the
+    data folder cannot be read."""
     layout = Layout(Path(data_dir))
     table = layout.test_series if split == "test" else layout.train_series
     study_ids = sorted(table["study_id"].unique().tolist()) if study_ids is None else list(study_ids)

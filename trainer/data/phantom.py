@@ -79,7 +79,7 @@ SCALES = {
 class Anatomy:
     """One patient's lumbar spine; degrees are (5 conditions, 5 levels) in [0, 1]."""
 
-    midline_x: float
+    midline_x: float  # patient x of the midline at the middle disc
     disc_z: np.ndarray  # (5,) disc centres, L1/L2 first (head is +z)
     canal_y0: float
     lordosis: float
@@ -88,6 +88,11 @@ class Anatomy:
     canal_ry: float
     degree: np.ndarray  # (5, 5)
     texture: np.ndarray  # (3, 4): low-frequency background waves (kx, ky, kz, phase)
+    lateral: float = 0.0  # a lateral (scoliotic) curve: the midline moves this far (mm) at L1/L2 and L5/S1
+
+    def midline(self, z):
+        """Patient x of the midline at height z: straight, or drifting to one side."""
+        return self.midline_x + self.lateral * (z - self.disc_z.mean()) / 70.0
 
     def canal_y(self, z):
         mid = self.disc_z.mean()
@@ -100,7 +105,7 @@ class Anatomy:
     def render(self, X, Y, Z, seq: str) -> np.ndarray:
         """Intensity in [0, 1] at patient points (arrays of any shape)."""
         t = INTENSITY[seq]
-        xm = X - self.midline_x
+        xm = X - self.midline(Z)
         yc = self.canal_y(Z)
         out = np.full(X.shape, t["bg"], dtype=np.float32)
         out += 0.03 * sum(np.sin(k[0] * X + k[1] * Y + k[2] * Z + k[3]) for k in self.texture)
@@ -183,7 +188,11 @@ def _anatomy(rng: np.random.Generator, grades: np.ndarray) -> Anatomy:
     degree[empty] = rng.beta(2.0, 5.0, size=empty.sum())
     spacing = rng.uniform(33.0, 38.0)
     top = rng.uniform(55.0, 75.0)
+    # most spines are straight in the coronal plane; about one in four drifts a few mm sideways,
+    # so that its canal points fall on two or more sagittal slices (22% of real studies)
+    lateral = rng.uniform(2.0, 7.0) * rng.choice([-1, 1]) if rng.random() < 0.25 else rng.normal(0, 0.5)
     return Anatomy(
+        lateral=float(lateral),
         midline_x=rng.uniform(-6, 6),
         disc_z=top - spacing * np.arange(5),
         canal_y0=rng.uniform(15, 25),
@@ -207,80 +216,145 @@ class SeriesPlan:
     thickness: float
     slice_gap: float
     patient_position: str
+    levels: tuple[int, ...] = ()  # Axial T2: the levels (0 = L1/L2) this series' subarticular labels sit on
 
 
-def _sagittal_plan(rng, anat: Anatomy, description: str, seq: str, n_range, span_min: float,
+@dataclass(frozen=True)
+class SagittalView:
+    """Where a study's sagittal series put the spine, shared by its T1 and T2 (one session).
+
+    As in the real set (DOMAIN.md, "Where the points are"), the lumbar spine wanders in the field
+    of view: the field of view (so the pixel spacing), the spine's place in it (`offset_y`,
+    `offset_z`, mm from the image centre), the in-plane tilt and the lateral place of the stack
+    all vary, so a mean position in pixels misses most labelled points by a disc or more."""
+
+    fov: float  # mm
+    offset_y: float  # the image centre minus the spine's centre, mm, anterior -> posterior
+    offset_z: float  # ... head -> feet
+    tilt: float  # radians, in the sagittal plane
+    stack_offset: float  # the stack's centre minus the midline, in slice gaps
+
+
+def _sagittal_view(rng, anat: Anatomy) -> SagittalView:
+    fov = rng.uniform(200, 320)
+    tilt = np.deg2rad(np.clip(rng.normal(0, 7), -18, 18))
+    offset_y, offset_z = rng.normal(0, 0.2 * fov, 2)
+    # keep every labelled point inside the image, 6% of the field of view from its edges
+    for _ in range(40):
+        view = SagittalView(fov, offset_y, offset_z, tilt, float(np.clip(rng.normal(0, 1.0), -2.5, 2.5)))
+        extent = _sagittal_extent(anat, view)
+        if extent.min() > 0.06 * fov and extent.max() < 0.94 * fov:
+            return view
+        offset_y, offset_z = 0.8 * offset_y, 0.8 * offset_z
+    return SagittalView(fov, 0.0, 0.0, 0.0, view.stack_offset)
+
+
+def _sagittal_frame(anat: Anatomy, view: SagittalView) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(row direction, column direction, patient (y, z) of the image centre)."""
+    c, s = np.cos(view.tilt), np.sin(view.tilt)
+    row = np.array([0, c, s])  # anterior -> posterior, tilted
+    col = np.array([0, s, -c])  # head -> feet, tilted
+    zc = anat.disc_z.mean()
+    centre = np.array([anat.canal_y(zc) - 10.0 + view.offset_y, zc + view.offset_z])
+    return row, col, centre
+
+
+def _sagittal_extent(anat: Anatomy, view: SagittalView) -> np.ndarray:
+    """Pixel-free image coordinates (mm from the top-left corner) of the labelled sagittal points."""
+    row, col, centre = _sagittal_frame(anat, view)
+    z = np.concatenate([anat.disc_z, anat.disc_z + 5.0])
+    pts = np.column_stack([anat.canal_y(z) - 1.0, z])
+    d = pts - centre
+    return np.concatenate([d @ row[1:], d @ col[1:]]) + view.fov / 2
+
+
+def _sagittal_plan(rng, anat: Anatomy, view: SagittalView, description: str, seq: str, n_range, lateral_reach: float,
                    sizes=SCALES["small"].sagittal_sizes) -> SeriesPlan:
+    """A sagittal stack: `lateral_reach` mm either side of the midline must be covered (the
+    foramina for T1, the canal for T2), whatever the stack's offset and the spine's lateral curve."""
     size = int(rng.choice(list(sizes)))
-    fov = rng.uniform(200, 240)
+    fov = view.fov * rng.uniform(0.97, 1.03)
     n = int(rng.integers(*n_range))
-    gap = max(rng.uniform(3.3, 4.2), span_min / (n - 1))
-    xs = anat.midline_x + rng.uniform(-2, 2) + (np.arange(n) - (n - 1) / 2) * gap
-    zc = anat.disc_z.mean() + rng.uniform(-10, 10)
-    yc = anat.canal_y0 - 15 + rng.uniform(-10, 10)
-    # row direction: anterior -> posterior (+y); column direction: head -> feet (-z)
-    orient = np.array([0, 1, 0, 0, 0, -1], dtype=float)
-    pos = np.column_stack([xs, np.full(n, yc - fov / 2), np.full(n, zc + fov / 2)])
-    return SeriesPlan(description, seq, pos, np.tile(orient, (n, 1)), fov / size, size,
+    gap = rng.uniform(3.3, 4.2)
+    offset = view.stack_offset * gap
+    span_min = 2 * (lateral_reach + abs(offset) + abs(anat.lateral)) + 8
+    gap = max(gap, span_min / (n - 1))
+    xs = anat.midline_x + view.stack_offset * gap + (np.arange(n) - (n - 1) / 2) * gap
+    row, col, (yc, zc) = _sagittal_frame(anat, view)
+    yc, zc = yc + rng.normal(0, 3), zc + rng.normal(0, 3)  # the two series are positioned a little apart
+    origin = np.array([0, yc, zc]) - row * fov / 2 - col * fov / 2
+    pos = np.column_stack([xs, np.full(n, origin[1]), np.full(n, origin[2])])
+    return SeriesPlan(description, seq, pos, np.tile(np.concatenate([row, col]), (n, 1)), fov / size, size,
                       gap * 0.9, gap, "HFS")
 
 
-def _axial_plan(rng, anat: Anatomy, ffs: bool) -> SeriesPlan:
-    size = int(rng.choice([192, 224, 256]))
-    fov = rng.uniform(160, 200)
+def _axial_series_levels(rng) -> list[tuple[int, ...]]:
+    """Which levels each labelled Axial T2 series carries: one series in 83% of studies, two in
+    15.5%, three or four in 1.5% (DOMAIN.md), each a contiguous run of levels."""
+    k = int(rng.choice([1, 2, 3, 4], p=[0.83, 0.155, 0.01, 0.005]))
+    cuts = sorted(rng.choice(np.arange(1, 5), size=k - 1, replace=False)) if k > 1 else []
+    bounds = [0, *cuts, 5]
+    return [tuple(range(a, b)) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def _axial_stacks(rng, anat: Anatomy, levels, row, fov, centre_shift, per_range) -> tuple[list, list, float]:
+    """One short stack per disc of `levels`, each tilted with its disc."""
     gap = rng.uniform(3.0, 4.0)
     positions, orients = [], []
-    for z in anat.disc_z:  # one short stack per disc, tilted with the disc
-        k = int(rng.integers(3, 6))
+    for lv in levels:
+        z = anat.disc_z[lv]
+        per = int(rng.integers(*per_range))
         tilt = np.deg2rad(rng.uniform(-10, 10))
-        row = np.array([-1.0 if ffs else 1.0, 0, 0])  # FFS images are mirrored left-right
         col = np.array([0, np.cos(tilt), -np.sin(tilt)])
         normal = np.cross([1.0, 0, 0], col)  # patient-superior for every stack
-        centre = np.array([anat.midline_x, anat.canal_y(z) - 12, z])
-        for j in np.arange(k) - (k - 1) / 2:
+        centre = np.array([anat.midline(z), anat.canal_y(z) - 12, z]) + centre_shift
+        for j in np.arange(per) - (per - 1) / 2:
             c = centre + j * gap * normal
             positions.append(c - row * fov / 2 - col * fov / 2)
             orients.append(np.concatenate([row, col]))
+    return positions, orients, gap
+
+
+def _axial_plan(rng, anat: Anatomy, ffs: bool, levels=tuple(range(5)), sizes=(192, 224, 256)) -> SeriesPlan:
+    size = int(rng.choice(list(sizes)))
+    fov = rng.uniform(160, 200)
+    row = np.array([-1.0 if ffs else 1.0, 0, 0])  # FFS images are mirrored left-right
+    shift = np.array([*np.clip(rng.normal(0, 0.06 * fov, 2), -0.15 * fov, 0.15 * fov), 0])
+    positions, orients, gap = _axial_stacks(rng, anat, levels, row, fov, shift, (3, 6))
     order = np.argsort([-p @ [0, 0, 1] for p in positions])  # head first, like a scanner
     return SeriesPlan("Axial T2", "T2", np.asarray(positions)[order], np.asarray(orients)[order],
-                      fov / size, size, gap * 0.9, gap, "FFS" if ffs else "HFS")
+                      fov / size, size, gap * 0.9, gap, "FFS" if ffs else "HFS", tuple(levels))
 
 
-def _real_axial_plans(rng, anat: Anatomy, ffs: bool, scale: Scale) -> list[SeriesPlan]:
-    """One to three Axial T2 series: the first covers every level (stacks per disc, or one
-    continuous stack, rarely a thin one of up to 190 slices), the others repeat the lower levels."""
-    n_series = int(rng.choice([1, 2, 3], p=[0.7, 0.25, 0.05]))
+def _real_axial_plans(rng, anat: Anatomy, ffs: bool, scale: Scale, labelled: list[tuple[int, ...]]) -> list[SeriesPlan]:
+    """One to four Axial T2 series. With one labelled series, it covers every level (stacks per
+    disc, or one continuous stack, rarely a thin one of up to 190 slices) and further unlabelled
+    series repeat the lower levels; with several, each labelled series covers its own levels."""
+    n_series = max(len(labelled), int(rng.choice([1, 2, 3], p=[0.7, 0.25, 0.05])))
     plans = []
     for k in range(n_series):
+        levels = labelled[k] if k < len(labelled) else ()
         size = int(rng.choice(list(scale.axial_sizes)))
         fov = rng.uniform(160, 200)
         row = np.array([-1.0 if ffs else 1.0, 0, 0])
-        kind = "stacks" if k > 0 or rng.random() < 0.6 else ("thin" if rng.random() < 0.08 else "continuous")
-        positions, orients = [], []
+        shift = np.array([*np.clip(rng.normal(0, 0.06 * fov, 2), -0.15 * fov, 0.15 * fov), 0])
+        single = len(labelled) == 1 and k == 0
+        kind = "stacks" if not single or rng.random() < 0.6 else ("thin" if rng.random() < 0.08 else "continuous")
         if kind == "stacks":
-            discs = anat.disc_z if k == 0 else anat.disc_z[2:]
-            gap = rng.uniform(3.0, 4.0)
-            for z in discs:
-                per = int(rng.integers(3, 9))
-                tilt = np.deg2rad(rng.uniform(-10, 10))
-                col = np.array([0, np.cos(tilt), -np.sin(tilt)])
-                normal = np.cross([1.0, 0, 0], col)
-                centre = np.array([anat.midline_x, anat.canal_y(z) - 12, z])
-                for j in np.arange(per) - (per - 1) / 2:
-                    c = centre + j * gap * normal
-                    positions.append(c - row * fov / 2 - col * fov / 2)
-                    orients.append(np.concatenate([row, col]))
+            covered = levels if levels else tuple(range(2, 5))
+            positions, orients, gap = _axial_stacks(rng, anat, covered, row, fov, shift, (3, 9))
         else:
+            positions, orients = [], []
             gap = rng.uniform(1.0, 1.2) if kind == "thin" else rng.uniform(4.0, 5.0)
             col = np.array([0, 1.0, 0])
             top, bottom = anat.disc_z[0] + 15, anat.disc_z[-1] - 15
             for z in np.arange(top, bottom, -gap):
-                c = np.array([anat.midline_x, anat.canal_y(z) - 12, z])
+                c = np.array([anat.midline(z), anat.canal_y(z) - 12, z]) + shift
                 positions.append(c - row * fov / 2 - col * fov / 2)
                 orients.append(np.concatenate([row, col]))
         order = np.argsort([-p[2] for p in positions])  # head first, like a scanner
         plans.append(SeriesPlan("Axial T2", "T2", np.asarray(positions)[order], np.asarray(orients)[order],
-                                fov / size, size, gap * 0.9, gap, "FFS" if ffs else "HFS"))
+                                fov / size, size, gap * 0.9, gap, "FFS" if ffs else "HFS", tuple(levels)))
     return plans
 
 
@@ -377,60 +451,97 @@ def _write_dicom(path: Path, image: np.ndarray, plan: SeriesPlan, i: int, instan
     ds.PixelRepresentation = 0
     ds.PixelData = image.tobytes()
     if rle:
-        ds.compress(RLELossless, image, encoding_plugin=_RLE_PLUGIN)
+        # keep the deterministic SOP Instance UID (pydicom would draw a random one)
+        ds.compress(RLELossless, image, encoding_plugin=_RLE_PLUGIN, generate_instance_uid=False)
     ds.save_as(path, enforce_file_format=True)
 
 
-def _make_study(root: Path, split: str, study_id: int, seed_seq, with_labels: bool, scale: str = "small") -> dict:
-    rng = np.random.default_rng(seed_seq)
+def _plan_study(rng, scale: str) -> tuple[np.ndarray, Anatomy, list[SeriesPlan]]:
+    """A study's grades, anatomy and series (geometry only, no pixel rendered)."""
     grades = _grades(rng)
     anat = _anatomy(rng, grades)
     ffs = rng.random() < 0.25
     sc = SCALES[scale]
+    view = _sagittal_view(rng, anat)
     plans = [
-        _sagittal_plan(rng, anat, "Sagittal T1", "T1", sc.sag_t1_slices, span_min=2 * FORAMEN_X + 16,
+        _sagittal_plan(rng, anat, view, "Sagittal T1", "T1", sc.sag_t1_slices, lateral_reach=FORAMEN_X + 4,
                        sizes=sc.sagittal_sizes),
-        _sagittal_plan(rng, anat, "Sagittal T2/STIR", "T2", sc.sag_t2_slices, span_min=24, sizes=sc.sagittal_sizes),
+        _sagittal_plan(rng, anat, view, "Sagittal T2/STIR", "T2", sc.sag_t2_slices, lateral_reach=8,
+                       sizes=sc.sagittal_sizes),
     ]
-    plans += [_axial_plan(rng, anat, ffs)] if scale == "small" else _real_axial_plans(rng, anat, ffs, sc)
+    labelled = _axial_series_levels(rng)
     if scale == "small":
-        rle_series = int(rng.integers(0, 3)) if rng.random() < 0.1 else -1  # some files RLE-compressed
-    series_rows, volumes = [], {}
-    for k, plan in enumerate(plans):
-        series_id = int(rng.integers(10_000_000, 4_000_000_000))
-        images = _render_series(rng, anat, plan, sc.render_step)
-        instances = _instance_numbers(rng, len(images))
-        rle_every = (4 if k == rle_series else 0) if scale == "small" else 1
-        write_series(root / f"{split}_images" / str(study_id) / str(series_id), images, plan, instances,
-                     study_id, series_id, with_thickness=(split == "train"), rle_every=rle_every)
-        series_rows.append((study_id, series_id, plan.description))
-        if plan.description not in volumes:  # labels go on the first series of each kind
-            volumes[plan.description] = (series_id, Volume(
-                images=images, positions=plan.positions, orientations=plan.orientations,
-                spacings=np.full((len(images), 2), plan.spacing), instance_numbers=instances))
+        plans += [_axial_plan(rng, anat, ffs, levels) for levels in labelled]
+    else:
+        plans += _real_axial_plans(rng, anat, ffs, sc, labelled)
+    return grades, anat, plans
 
+
+def _geometry(plan: SeriesPlan, instances) -> Volume:
+    """A pixel-free `Volume` of a plan: enough for `nearest_slice` and `patient_to_pixel`."""
+    blank = np.zeros((0, 0), dtype=np.uint8)
+    return Volume(images=[blank] * len(plan.positions), positions=plan.positions, orientations=plan.orientations,
+                  spacings=np.full((len(plan.positions), 2), plan.spacing), instance_numbers=np.asarray(instances))
+
+
+def _label_points(rng, study_id: int, grades: np.ndarray, anat: Anatomy, plans: list[SeriesPlan],
+                  series_ids: list[int], instances: list[np.ndarray]) -> list[tuple]:
+    """train_label_coordinates rows: each point on the slice of its series nearest to it (the
+    canal on Sagittal T2/STIR, the foramina on Sagittal T1, the recesses on the Axial T2 series
+    that carries the level), with an annotator's jitter."""
+    first = {}
+    for k, plan in enumerate(plans):
+        first.setdefault(plan.description, k)
+    axial_of = {lv: k for k, plan in enumerate(plans) if plan.description == "Axial T2" for lv in plan.levels}
+    geometry: dict[int, Volume] = {}
     coords = []
     jitter = lambda: rng.normal(0, 0.6, 3)  # annotators are not exact
     for c, cond in enumerate(CONDITIONS):
         for lv, level in enumerate(LEVELS):
-            if grades[c, lv] < 0 or not with_labels:
+            if grades[c, lv] < 0:
                 continue
             z = anat.disc_z[lv]
             yc = anat.canal_y(z)
             if cond == "spinal_canal_stenosis":
-                desc, point = "Sagittal T2/STIR", np.array([anat.midline_x, yc, z])
+                k, point = first["Sagittal T2/STIR"], np.array([anat.midline(z), yc, z])
             elif "foraminal" in cond:
                 side = 1 if cond.startswith("left") else -1
                 zf = z + 5.0
-                desc, point = "Sagittal T1", np.array([anat.midline_x + side * FORAMEN_X, anat.canal_y(zf) - 1, zf])
+                k = first["Sagittal T1"]
+                point = np.array([anat.midline(zf) + side * FORAMEN_X, anat.canal_y(zf) - 1, zf])
             else:
                 side = 1 if cond.startswith("left") else -1
-                desc, point = "Axial T2", np.array([anat.midline_x + side * RECESS_X, yc + 2.0, z])
-            series_id, vol = volumes[desc]
-            idx, _, _, _ = nearest_slice(vol, point + jitter())
+                k, point = axial_of[lv], np.array([anat.midline(z) + side * RECESS_X, yc + 2.0, z])
+            if k not in geometry:
+                geometry[k] = _geometry(plans[k], instances[k])
+            vol = geometry[k]
+            idx, _, _, dist = nearest_slice(vol, point + jitter())
+            if cond == "spinal_canal_stenosis":
+                # an annotator marks the canal on one mid-sagittal slice, and moves to another only
+                # where the spine has drifted off it (22% of real studies use 2-5 slices)
+                ref = nearest_slice(vol, np.array([anat.midline_x, anat.canal_y(anat.disc_z[2]), anat.disc_z[2]]))[0]
+                if abs(patient_to_pixel(vol, ref, point)[2]) < 0.75 * plans[k].slice_gap:
+                    idx = ref
             x, y, _ = patient_to_pixel(vol, idx, point + jitter())
-            coords.append((study_id, series_id, int(vol.instance_numbers[idx]), CONDITION_NAMES[cond],
+            coords.append((study_id, series_ids[k], int(vol.instance_numbers[idx]), CONDITION_NAMES[cond],
                            LEVEL_NAMES[level], round(x, 3), round(y, 3)))
+    return coords
+
+
+def _make_study(root: Path, split: str, study_id: int, seed_seq, with_labels: bool, scale: str = "small") -> dict:
+    rng = np.random.default_rng(seed_seq)
+    grades, anat, plans = _plan_study(rng, scale)
+    series_ids = [int(rng.integers(10_000_000, 4_000_000_000)) for _ in plans]
+    instances = [_instance_numbers(rng, len(plan.positions)) for plan in plans]
+    coords = _label_points(rng, study_id, grades, anat, plans, series_ids, instances) if with_labels else []
+    rle_series = int(rng.integers(0, len(plans))) if scale == "small" and rng.random() < 0.1 else -1
+    series_rows = []
+    for k, plan in enumerate(plans):
+        images = _render_series(rng, anat, plan, SCALES[scale].render_step)
+        rle_every = (4 if k == rle_series else 0) if scale == "small" else 1  # small: some files RLE-compressed
+        write_series(root / f"{split}_images" / str(study_id) / str(series_ids[k]), images, plan, instances[k],
+                     study_id, series_ids[k], with_thickness=(split == "train"), rle_every=rle_every)
+        series_rows.append((study_id, series_ids[k], plan.description))
     label_row = {"study_id": study_id}
     for c, cond in enumerate(CONDITIONS):
         for lv, level in enumerate(LEVELS):

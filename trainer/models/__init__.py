@@ -20,7 +20,7 @@ from ..errors import UserError, did_you_mean
 from .heads import get_head, head_names
 from .weights import PretrainedUnavailable, resolve_weights
 
-__all__ = ["SpineNet", "build_model", "check_backbone", "check_head", "PretrainedUnavailable",
+__all__ = ["SpineNet", "build_model", "check_backbone", "check_head", "create_backbone", "PretrainedUnavailable",
            "head_names"]
 
 
@@ -67,11 +67,16 @@ class GeM(nn.Module):
         return x.clamp_min(self.eps).pow(self.p).mean(dims).pow(1.0 / self.p)
 
 
-def _create_backbone(name: str, pretrained, in_chans: int, global_pool: str, weights_dir: str = ""):
-    """(backbone, pretrained_loaded). pretrained: True (fail clearly), False, or 'auto' (fall back).
-    Weights come from a file `weights.resolve_weights` found (a study resolved them before its
-    first trial, so no trial downloads)."""
-    kwargs = dict(num_classes=0, in_chans=in_chans, global_pool=global_pool)
+def create_backbone(name: str, pretrained, weights_dir: str = "", **kwargs):
+    """(timm model, pretrained_loaded). pretrained: True (fail clearly), False, or 'auto' (fall
+    back to random init, with a warning); `kwargs` go to `timm.create_model` (``num_classes=0``
+    and a pool, or ``features_only``). Weights come from the file `weights.resolve_weights` finds
+    in `weights_dir` or a cache (a study resolves them before its first trial, so no trial
+    downloads).
+
+    Raises:
+        PretrainedUnavailable: `pretrained` is True and the weights cannot be found or loaded.
+    """
     if pretrained is False:
         return timm.create_model(name, pretrained=False, **kwargs), False
     try:
@@ -103,8 +108,9 @@ class SpineNet(nn.Module):
         self.n_tokens = math.ceil(n_slices / self.k)
         self.pad = self.n_tokens * self.k - n_slices  # zero slices so the stack splits into images
         timm_pool = "" if model_cfg.pooling == "gem" else model_cfg.pooling
-        self.backbone, self.pretrained_loaded = _create_backbone(
-            model_cfg.backbone, model_cfg.pretrained, self.k, timm_pool, model_cfg.weights_dir)
+        self.backbone, self.pretrained_loaded = create_backbone(
+            model_cfg.backbone, model_cfg.pretrained, model_cfg.weights_dir, num_classes=0, in_chans=self.k,
+            global_pool=timm_pool)
         self.pool = GeM() if model_cfg.pooling == "gem" else nn.Identity()
         # what the backbone emits with num_classes=0: after its pre-logits head when it has one
         # (MobileNetV3: num_features 576, head_hidden_size 1024)

@@ -1,0 +1,168 @@
+"""Benchmark of the localiser (issue 20), on a phantom (small by default, `--scale real` for the
+competition's sizes):
+
+1. the mean-position guess (`LevelPrior`): how far it misses the labelled sagittal points, in disc
+   spacings (DOMAIN.md's measure of the real set: median 1.4, 84-89% beyond half a spacing);
+2. the localiser trained on folds 1-3, its out-of-fold points on fold 0: error in mm (median, p90)
+   per plane, level accuracy, slice error; and the guess's on the same points;
+3. the demo classifier (the `demo` space's fixed values and a good sampled set) trained on folds
+   1-3 and scored on fold 0 with its crops cut around the labelled points, the localiser's
+   out-of-fold points and the mean-position guess;
+4. localisation seconds per study on one core.
+
+    .venv/bin/python bench/localize.py [--scale small|real] [--work DIR] [--epochs N]
+
+Writes bench/results/localize_<scale>.json and .md.
+"""
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from bench.common import write
+from trainer.config import TrainConfig
+from trainer.data.cache import default_cache_dir
+from trainer.data.layout import Layout
+from trainer.data.volumes import SeriesRef, VolumeStore
+
+LOCALIZER = {
+    "task": "localize", "model": {"backbone": "test_resnet", "pretrained": False, "in_chans": 3},
+    "optim": {"lr": 3e-3, "epochs": 8, "batch_size": 16, "warmup_ratio": 0.1},
+    "localizer": {"img_size": 96, "negatives": 0.15, "sigma": 1.5, "affine": 0.5}, "device": "cpu",
+}
+CLASSIFIER = {  # the demo space's fixed values and a set from the top of its grid (bench/search.py)
+    "data": {"conditions": ["spinal_canal_stenosis"], "img_size": 40, "sag_t2_slices": 3, "window_ratio": 0.15},
+    "model": {"backbone": "resnet10t", "pretrained": False, "head": "attention", "dropout": 0.2},
+    "optim": {"epochs": 10, "warmup_ratio": 0.1, "scheduler": "constant", "ema": 0.9, "batch_size": 8, "lr": 3e-3},
+    "augment": {"preset": "none"}, "device": "cpu",
+}
+
+
+def ensure_phantom(work: Path, scale: str) -> Path:
+    from trainer.data.phantom import make_phantom
+
+    data = work / f"phantom_{scale}"
+    if not (data / "train.csv").exists():
+        make_phantom(data, studies=50 if scale == "small" else 60, test_studies=0, seed=0, jobs=2, scale=scale)
+    return data
+
+
+def guess_miss(layout: Layout, store: VolumeStore) -> dict:
+    from trainer.infer import LevelPrior
+    from trainer.points.metrics import pixel_miss
+
+    prior = LevelPrior.fit(layout)
+    guesses = pd.concat([prior.coordinates(s, layout.series_of(s), lambda i, s=s: store.open(
+        SeriesRef(s, i, layout.series_dir(s, i)))) for s in layout.study_ids])
+    m = pixel_miss(layout.coordinates, guesses)
+    canal = m[m["condition"] == "spinal_canal_stenosis"]["miss"]
+    foramen = m[m["condition"] != "spinal_canal_stenosis"]["miss"]
+    return dict(canal_median=canal.median(), canal_p90=canal.quantile(0.9), canal_beyond_half=(canal > 0.5).mean(),
+                foramen_median=foramen.median(), foramen_beyond_half=(foramen > 0.5).mean(),
+                all_median=m["miss"].median(), all_beyond_half=(m["miss"] > 0.5).mean())
+
+
+def classifier_scores(data: Path, work: Path, localizer_oof: pd.DataFrame) -> dict:
+    from trainer.fit import fit, train_val_split
+    from trainer.infer import LevelPrior, PointTable, predict_studies
+    from trainer.data.cache import data_fingerprint
+    from trainer.metric import build_solution, score_groups
+
+    cfg = TrainConfig.from_dict(CLASSIFIER).with_overrides({"data.data_dir": str(data), "output_dir": str(work / "cls")})
+    result = fit(cfg)
+    layout = Layout(data)
+    train_ids, val_ids = train_val_split(layout, cfg, default_cache_dir(), data_fingerprint(layout))
+    solution = build_solution(layout, val_ids, cfg.data.conditions)
+    sources = {"labelled": PointTable(layout.coordinates[layout.coordinates["study_id"].isin(val_ids)]),
+               "localiser OOF": PointTable(localizer_oof), "mean-position guess": LevelPrior.fit(layout, study_ids=train_ids)}
+    out = {}
+    for name, source in sources.items():
+        pred = predict_studies([result.checkpoint], data, val_ids, split="train", prior=source)
+        out[name] = score_groups(solution, pred).score
+    out["fit_score"] = result.score
+    return out
+
+
+def per_study_seconds(localizer, layout: Layout, store: VolumeStore, ids) -> float:
+    torch.set_num_threads(1)
+    times = []
+    for s in ids:
+        series = layout.series_of(s)
+        load = lambda i, s=s: store.open(SeriesRef(s, i, layout.series_dir(s, i)))  # noqa: E731
+        localizer.locate(s, series, load)  # volumes opened, allocator warm
+        t = time.perf_counter()
+        localizer.locate(s, series, load)
+        times.append(time.perf_counter() - t)
+    return float(np.median(times))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--scale", choices=["small", "real"], default="small")
+    ap.add_argument("--work", default=None)
+    ap.add_argument("--epochs", type=int, default=LOCALIZER["optim"]["epochs"])
+    args = ap.parse_args()
+    from trainer.fit import fit
+    from trainer.points.locate import Localizer
+
+    work = Path(args.work or tempfile.mkdtemp(prefix="spinesweep-bench-localize-"))
+    data = ensure_phantom(work, args.scale)
+    layout = Layout(data)
+    store = VolumeStore(default_cache_dir())
+    t0 = time.perf_counter()
+    miss = guess_miss(layout, store)
+    cfg = TrainConfig.from_dict(LOCALIZER).with_overrides({"data.data_dir": str(data), "output_dir": str(work / "loc"),
+                                                           "optim.epochs": args.epochs})
+    t = time.perf_counter()
+    loc = fit(cfg)
+    train_minutes = (time.perf_counter() - t) / 60
+    g, p = loc.groups, loc.prior_groups
+    localizer = Localizer.from_checkpoints([loc.checkpoint])
+    val_ids = sorted(loc.oof["study_id"].unique().tolist())
+    seconds = per_study_seconds(localizer, layout, store, val_ids[:6])
+    cls = classifier_scores(data, work, loc.oof[["study_id", "series_id", "instance_number", "condition", "level", "x", "y"]])
+
+    def row(what, baseline, value, goal, met, ratio=None):
+        return dict(what=what, baseline=baseline, value=value, ratio=ratio, goal=goal, met=met)
+
+    ratio_oof = cls["localiser OOF"] / cls["labelled"]
+    gain = 1 - cls["localiser OOF"] / cls["mean-position guess"]
+    rows = [
+        row("mean-position guess: sagittal points' miss in disc spacings, median (canal / foramina)", "real set: 1.4 / 1.3",
+            f"{miss['canal_median']:.2f} / {miss['foramen_median']:.2f}", ">= 1.0", miss["all_median"] >= 1.0),
+        row("mean-position guess: sagittal points more than half a spacing off", "real set: 84-89%",
+            f"{miss['all_beyond_half']:.0%}", ">= 60%", miss["all_beyond_half"] >= 0.6),
+        row("localiser sagittal error, mm: median (guess)", f"{p.get('sagittal_median_mm', np.nan):.1f}",
+            f"{g['sagittal_median_mm']:.1f}", "<= 3", g["sagittal_median_mm"] <= 3),
+        row("localiser sagittal error, mm: p90 (guess)", f"{p.get('sagittal_p90_mm', np.nan):.1f}",
+            f"{g['sagittal_p90_mm']:.1f}", "<= 8", g["sagittal_p90_mm"] <= 8),
+        row("localiser sagittal level accuracy (guess)", f"{p.get('sagittal_level_accuracy', np.nan):.1%}",
+            f"{g['sagittal_level_accuracy']:.1%}", ">= 98%", g["sagittal_level_accuracy"] >= 0.98),
+        row("localiser sagittal slice error, slices (guess)", f"{p.get('sagittal_slice_error', np.nan):.2f}",
+            f"{g.get('sagittal_slice_error', np.nan):.2f}", "-", None),
+        row("localiser axial error, mm: median (guess: canal point carried to the axial slice)",
+            f"{p.get('axial_median_mm', np.nan):.1f}", f"{g.get('axial_median_mm', np.nan):.1f}", "<= 5",
+            g.get("axial_median_mm", np.inf) <= 5),
+        row("localiser axial error, mm: p90; level accuracy", f"{p.get('axial_p90_mm', np.nan):.1f}; "
+            f"{p.get('axial_level_accuracy', np.nan):.1%}", f"{g.get('axial_p90_mm', np.nan):.1f}; "
+            f"{g.get('axial_level_accuracy', np.nan):.1%}", "-", None),
+        row("demo classifier fold 0 on the localiser's OOF points vs labelled points (score)",
+            f"{cls['labelled']:.4f}", f"{cls['localiser OOF']:.4f}", "within 5%", ratio_oof <= 1.05, ratio_oof),
+        row("demo classifier fold 0: localiser's OOF points vs the mean-position guess (score)",
+            f"{cls['mean-position guess']:.4f}", f"{cls['localiser OOF']:.4f}", ">= 30% better", gain >= 0.3,
+            cls["localiser OOF"] / cls["mean-position guess"]),
+        row("localisation, seconds per study on one core (median of 6)", "-", f"{seconds:.3f}", "<= 0.2", seconds <= 0.2),
+    ]
+    write(f"localize_{args.scale}", rows, extra=dict(
+        localizer=cfg.to_flat(), localizer_minutes=round(train_minutes, 2), localizer_groups=g, guess_groups=p,
+        guess_miss=miss, classifier=cls, minutes=round((time.perf_counter() - t0) / 60, 2)))
+
+
+if __name__ == "__main__":
+    main()

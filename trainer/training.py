@@ -1,0 +1,157 @@
+"""What every training loop of the trainer shares (the classifier's in `fit`, the localiser's in
+`points.fit`): the result type, devices, seeding, the learning-rate schedule, EMA weights, the
+fold split, the environment record, DataLoader worker seeding. Imports neither optuna nor mlflow."""
+from __future__ import annotations
+
+import dataclasses
+import math
+import platform
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .config import ConfigError, TrainConfig
+from .data.folds import load_folds
+from .data.layout import Layout
+
+Callback = Callable[[int, dict], "bool | None"]
+
+
+@dataclass
+class FitResult:
+    config: TrainConfig
+    history: list[dict]  # one dict of metrics per epoch
+    best_epoch: int  # 1-based, chosen by config.select_by
+    score: float  # validation score at the best epoch
+    groups: dict[str, float]  # its per-group losses
+    prior_score: float  # predicting the training fold's class frequencies on the same rows
+    prior_groups: dict[str, float]
+    oof: pd.DataFrame  # validation predictions at the best epoch, Kaggle form
+    solution: pd.DataFrame  # the matching solution rows
+    confusion: dict[str, list[list[int]]]  # per condition, rows = truth, columns = prediction
+    checkpoint: str | None
+    environment: dict
+    pretrained_loaded: bool
+    augment_pipeline: dict
+    data_fingerprint: str
+    n_train: int
+    n_val: int
+    stopped_early: bool = False
+    stop_reason: str = ""
+    seconds: float = 0.0
+    tables: dict[str, pd.DataFrame] = dataclasses.field(default_factory=dict)  # more per-fold tables to keep, by file name
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {name!r} asked for, but CUDA is not available on this machine")
+    return dev
+
+
+def loader_workers(configured: int, device: torch.device) -> int:
+    """DataLoader worker processes: the configured number, or for -1 (auto) on CUDA this
+    process's core share (its torch threads, which a study's worker sets to cores / concurrent
+    trials) less one for the training loop, at most 8; on the CPU none, since every core already
+    trains and crops cost little next to a CPU forward pass."""
+    if configured >= 0:
+        return configured
+    if device.type != "cuda":
+        return 0
+    return max(1, min(8, torch.get_num_threads() - 1))
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def lr_lambda(cfg, total_steps: int) -> Callable[[int], float]:
+    warmup = int(cfg.optim.warmup_ratio * total_steps)
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if cfg.optim.scheduler == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        if cfg.optim.scheduler == "linear":
+            return max(0.0, 1 - progress)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return f
+
+
+class EMA:
+    """Exponential moving average of the weights (and buffers), kept on the model's device."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.model = torch.optim.swa_utils.AveragedModel(
+            model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(decay), use_buffers=True)
+
+    def update(self, model):
+        self.model.update_parameters(model)
+
+
+def train_val_split(layout: Layout, cfg: TrainConfig, cache_root: Path, fingerprint: str):
+    """(training, validation) study ids of `cfg.data.fold`, sorted."""
+    folds = load_folds(layout, cfg.data.n_folds, cfg.data.folds_seed, cache_root, fingerprint)
+    if cfg.data.max_studies:
+        # keep the first studies of every fold, so capped runs keep the same split
+        per_fold = max(1, cfg.data.max_studies // cfg.data.n_folds)
+        folds = folds.groupby("fold", group_keys=False).head(per_fold)
+    val = folds.loc[folds["fold"] == cfg.data.fold, "study_id"].tolist()
+    train = folds.loc[folds["fold"] != cfg.data.fold, "study_id"].tolist()
+    if not val or not train:
+        raise ConfigError(f"data.fold={cfg.data.fold}: empty train or validation split "
+                         f"({len(train)} / {len(val)} studies)")
+    return sorted(train), sorted(val)
+
+
+def cpu_model() -> str:
+    """The processor's model name (``/proc/cpuinfo``; `platform.processor()` elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def environment(device: torch.device, amp_dtype) -> dict:
+    """Where a run trained: device and its name, AMP dtype, torch threads, the processor and ATen's
+    CPU capability (CPU scores repeat exactly only on the same kind of processor: oneDNN picks
+    kernels by instruction set), and the versions of the libraries that decide the numbers."""
+    import albumentations
+    import timm
+
+    return dict(
+        cpu=cpu_model(), cpu_capability=torch.backends.cpu.get_cpu_capability(),
+        device=str(device),
+        device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        amp=str(amp_dtype).replace("torch.", "") if amp_dtype else "off",
+        threads=torch.get_num_threads(),
+        python=platform.python_version(), torch=torch.__version__, timm=timm.__version__,
+        albumentations=albumentations.__version__, numpy=np.__version__,
+        cuda=torch.version.cuda if device.type == "cuda" else None,
+    )
+
+
+def worker_init(worker_id: int) -> None:
+    info = torch.utils.data.get_worker_info()
+    seed = int(info.seed % 2**31)
+    np.random.seed(seed)
+    random.seed(seed)
+    transform = getattr(info.dataset, "transform", None)
+    if transform is not None and hasattr(transform, "set_random_seed"):
+        transform.set_random_seed(seed)
