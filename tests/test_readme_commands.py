@@ -57,12 +57,27 @@ def table_commands() -> set[str]:
     return out
 
 
-def run(args, cwd, timeout=600):
+def installed(args, cwd, timeout=600):
+    """`optuna-run ARGS` through the installed console script, in a process of its own."""
     proc = subprocess.run(OPTUNA_RUN + args, cwd=cwd, capture_output=True, text=True, timeout=timeout,
                           env=dict(os.environ, SPINESWEEP_PROGRESS="0"))
     assert proc.returncode == 0, f"optuna-run {' '.join(args)}: exit {proc.returncode}\n{proc.stderr[-3000:]}"
     assert proc.stdout.strip(), f"optuna-run {' '.join(args)} printed nothing"
     return proc.stdout
+
+
+def in_process(capsys):
+    """`optuna-run ARGS` through the same parser and handlers (`spinesweep.cli.main`) in this
+    process: what the console script runs, without paying torch's import once per command."""
+    from spinesweep.cli import main
+
+    def run(args, cwd=None):
+        code = main(args)
+        out, err = capsys.readouterr()
+        assert code == 0, f"optuna-run {' '.join(args)}: exit {code}\n{err[-3000:]}"
+        assert out.strip(), f"optuna-run {' '.join(args)} printed nothing"
+        return out
+    return run
 
 
 def serve(cmd, cwd, port, path="/health"):
@@ -97,10 +112,13 @@ def test_the_table_names_every_registered_command():
 
 
 @pytest.mark.slow
-def test_every_command_of_the_readme_table_runs(tmp_path):
+def test_every_command_of_the_readme_table_runs(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("SPINESWEEP_PROGRESS", "0")
+    run = in_process(capsys)
     data = tmp_path / "phantom"
     done = {}
-    done["--version"] = run(["--version"], tmp_path)
+    done["--version"] = installed(["--version"], tmp_path)  # the console script itself
     done["make-phantom"] = run(["make-phantom", str(data), "--studies", "8", "--test-studies", "2", "--seed", "3",
                                 "--jobs", "2"], tmp_path)
     assert "phantom dataset (small)" in done["make-phantom"]
