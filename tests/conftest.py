@@ -42,3 +42,12 @@ def phantom_copy(phantom_dir, tmp_path) -> Path:
 @pytest.fixture(scope="session")
 def layout(phantom_dir) -> Layout:
     return Layout(phantom_dir)
+
+
+@pytest.fixture(scope="session")
+def phantom30_dir(tmp_path_factory) -> Path:
+    """A 30-study phantom (and 2 test studies), built once per session for the slow tests that
+    measure point statistics or train the localiser. Read-only."""
+    out = tmp_path_factory.mktemp("phantom30")
+    make_phantom(out, studies=30, test_studies=2, seed=1, jobs=2)
+    return out
