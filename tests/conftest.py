@@ -128,3 +128,12 @@ def quick_copy(quick_study, tmp_path, monkeypatch) -> Path:
     shutil.copytree(quick_study, dst)
     monkeypatch.chdir(dst)
     return dst
+
+
+@pytest.fixture(scope="session")
+def phantom30_dir(tmp_path_factory) -> Path:
+    """A 30-study phantom (and 2 test studies), built once per session for the slow tests that
+    measure point statistics or train the localiser. Read-only."""
+    out = tmp_path_factory.mktemp("phantom30")
+    make_phantom(out, studies=30, test_studies=2, seed=1, jobs=2)
+    return out

@@ -122,20 +122,21 @@ def test_levels_are_placed_jointly_in_head_to_feet_order():
 
 
 @pytest.mark.slow
-def test_the_localizer_learns_the_phantom_and_its_points_feed_the_layout_reader(phantom_dir, tmp_path):
-    """fit(task=localize) on the session phantom: its out-of-fold points land far closer than the
+def test_the_localizer_learns_the_phantom_and_its_points_feed_the_layout_reader(phantom30_dir, tmp_path):
+    """fit(task=localize) on a 30-study phantom: its out-of-fold points land far closer than the
     mean-position guess's; its checkpoint places every point of a study as a Localizer, in rows
     the layout reader takes back."""
+    phantom_dir = phantom30_dir
     from trainer.fit import fit
     from trainer.points.locate import Localizer, localize
 
     cfg = TrainConfig.from_dict(dict(
         task="localize", data=dict(data_dir=str(phantom_dir)), device="cpu", output_dir=str(tmp_path / "run"),
         model=dict(backbone="test_resnet", pretrained=False, in_chans=3),
-        optim=dict(lr=3e-3, epochs=6, batch_size=16, warmup_ratio=0.1), localizer=dict(img_size=64, negatives=0.15)))
+        optim=dict(lr=3e-3, epochs=12, batch_size=16, warmup_ratio=0.1), localizer=dict(img_size=64, negatives=0.15)))
     seen = []
     result = fit(cfg, callbacks=[lambda epoch, m: seen.append(m["score"])])
-    assert len(seen) == 6 and result.best_epoch >= 1
+    assert len(seen) == 12 and result.best_epoch >= 1
     assert result.groups["median_mm"] < 0.5 * result.prior_groups["median_mm"], (result.groups, result.prior_groups)
     assert result.groups["level_accuracy"] > result.prior_groups["level_accuracy"]
     assert set(result.tables) == {"oof_coordinates.csv"}

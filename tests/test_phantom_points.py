@@ -42,15 +42,14 @@ def test_phantom_points_spread_like_the_real_sets(scale):
 
 
 @pytest.mark.slow
-def test_level_prior_misses_most_points_of_the_small_phantom(tmp_path):
+def test_level_prior_misses_most_points_of_the_small_phantom(phantom30_dir):
     """Measured as DOMAIN.md measures the real set: LevelPrior fitted on a 30-study phantom's files,
     its guesses against the labelled sagittal points, in pixels over each study's disc spacing."""
     from trainer.data.cache import default_cache_dir
     from trainer.data.volumes import SeriesRef, VolumeStore
     from trainer.infer import LevelPrior
 
-    ph.make_phantom(tmp_path, studies=30, test_studies=0, seed=1, jobs=2)
-    layout = Layout(tmp_path)
+    layout = Layout(phantom30_dir)
     prior = LevelPrior.fit(layout)
     store = VolumeStore(default_cache_dir())
     guesses = pd.concat([prior.coordinates(sid, layout.series_of(sid), lambda s, sid=sid: store.open(
