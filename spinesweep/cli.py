@@ -76,9 +76,12 @@ def parse_overrides(items: list[str]) -> dict[str, str]:
 
 def emit(args: argparse.Namespace, result: Any, text: Callable[[], None] | None = None) -> int:
     """Print a command's result: as JSON with ``--json`` (anything `json` can write, other
-    objects through `str`), otherwise by calling `text` (which prints the human form). Returns 0."""
+    objects through `str`) on the real standard output (`main` sends everything else a command
+    prints to stderr then, so stdout parses), otherwise by calling `text` (which prints the
+    human form). Returns 0."""
     if getattr(args, "json", False) or text is None:
-        print(json.dumps(result, indent=2, default=str))
+        print(json.dumps(result, indent=2, default=str), file=getattr(args, "result_stream", None) or sys.stdout,
+              flush=True)
     else:
         text()
     return 0
@@ -118,7 +121,8 @@ PARENTS = {
     "tracking": _parent(lambda p: p.add_argument(
         "--tracking-uri", metavar="URI", help="MLflow tracking URI (default: SQLite under mlruns/ in the working folder)")),
     "study_name": _parent(lambda p: p.add_argument(
-        "--study-name", metavar="NAME", help="the study (default: the space's name; SPACE-smoke with --smoke)")),
+        "--study-name", metavar="NAME", help="the study's name (default: the space's name; a --smoke study is "
+                                             "named SPACE-smoke)")),
     "json": _parent(lambda p: p.add_argument("--json", action="store_true", help="print the result as JSON")),
 }
 
@@ -187,15 +191,12 @@ def study(args: argparse.Namespace) -> int:
     from sweep.study import run_study
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress lines say it all
-    # with --json, stdout carries the result alone: the progress lines go to stderr
-    out = contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext()
-    with out:
-        outcome = run_study(args.space, args.n_trials, data=args.data, study_name=args.study_name,
-                            storage=args.storage, tracking_uri=args.tracking_uri, workers=args.workers,
-                            gpus=args.gpus, trials_per_gpu=args.trials_per_gpu, smoke=args.smoke,
-                            pinned=parse_overrides(args.set or []), resume=args.resume, timeout=args.timeout,
-                            log=lambda line: print(line, flush=True))
-        dashboard = write_dashboard(outcome)
+    outcome = run_study(args.space, args.n_trials, data=args.data, study_name=args.study_name,
+                        storage=args.storage, tracking_uri=args.tracking_uri, workers=args.workers,
+                        gpus=args.gpus, trials_per_gpu=args.trials_per_gpu, smoke=args.smoke,
+                        pinned=parse_overrides(args.set or []), resume=args.resume, timeout=args.timeout,
+                        log=lambda line: print(line, flush=True))
+    dashboard = write_dashboard(outcome)
     return emit(args, _study_summary(outcome, dashboard), lambda: _print_summary(outcome, args, dashboard))
 
 
@@ -438,7 +439,7 @@ def _reproduce_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_id", help="the trial's MLflow run id (optuna-run runs SPACE lists them)")
 
 
-@command("reproduce", "re-run a logged trial from its MLflow params alone", parents=("tracking", "data"),
+@command("reproduce", "re-run a logged trial from its logged config (the run's config.yaml)", parents=("tracking", "data"),
          arguments=_reproduce_arguments)
 def reproduce(args: argparse.Namespace) -> int:
     from sweep.query import reproduce as rerun
@@ -677,7 +678,10 @@ def _bind(p: argparse.ArgumentParser) -> None:
 
 def _announce(args, info: dict, line: str) -> None:
     """A server's start line: JSON with --json (one object, before the server's own output)."""
-    print(json.dumps(info) if args.json else line, flush=True)
+    if args.json:
+        emit(args, info)
+    else:
+        print(line, flush=True)
 
 
 @command("ui", "the MLflow UI on the project's tracking store", parents=("tracking",), arguments=_bind)
@@ -792,6 +796,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     argv = list(argv)
     if argv and not argv[0].startswith("-") and argv[0] not in COMMANDS:
         argv.insert(0, "study")
+    elif argv and argv[0] not in ("-h", "--help", "--version") and not set(argv) & set(COMMANDS):
+        argv.insert(0, "study")  # flags before the space: optuna-run --smoke demo
     return build_parser().parse_args(argv)
 
 
@@ -806,7 +812,12 @@ def main(argv: list[str] | None = None) -> int:
         build_parser().print_help()
         return 2
     try:
-        return args.func(args)
+        if not args.json:
+            return args.func(args)
+        # --json: stdout carries the result alone (`emit`); progress and notes go to stderr
+        args.result_stream = sys.stdout
+        with contextlib.redirect_stdout(sys.stderr):
+            return args.func(args)
     except UserError as e:  # bad input: one line; anything else is a bug and keeps its traceback
         print(f"optuna-run: error: {e}", file=sys.stderr)
         return 2

@@ -10,6 +10,7 @@ run of the MLflow experiment ``ensembles``.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import tempfile
 import time
@@ -110,15 +111,19 @@ def joint_solution(ms: list[Member]) -> pd.DataFrame:
 
 
 def _scored(sol: pd.DataFrame, pred: pd.DataFrame):
-    """The metric over the rows both the solution and the combined prediction have."""
+    """The metric over the rows both the solution and the combined prediction have; None when
+    they share none (a member trained on other folds than those rows')."""
     pred = pred[pred["row_id"].isin(set(sol["row_id"]))]
+    if pred.empty:
+        return None
     return score_groups(sol[sol["row_id"].isin(set(pred["row_id"]))], pred)
 
 
 def weighted_score(sol: pd.DataFrame, frames: list[pd.DataFrame], w: np.ndarray) -> float:
     """The metric of the members' `frames` combined with weights `w` (`combine`), over the rows
-    of `sol` (`joint_solution`) that the weighted members cover."""
-    return _scored(sol, combine(frames, w)).score
+    of `sol` (`joint_solution`) that the weighted members cover (inf when they cover none)."""
+    scored = _scored(sol, combine(frames, w))
+    return math.inf if scored is None else scored.score
 
 
 def _optimise(sol: pd.DataFrame, frames: list[pd.DataFrame]) -> np.ndarray:
@@ -154,24 +159,12 @@ class EnsembleResult:
     run_id: str | None = None
 
 
-def ensemble(tracking_uri: str, name: str = "default", method: str = "optimize") -> EnsembleResult:
-    """Build and log the ensemble `name` from its promoted members. ``method="optimize"`` fits weights
-    (softmax-parametrised, SciPy Nelder-Mead on the host metric) and keeps the candidate (equal,
-    optimised, best single member) that scores best on whole studies held out (scikit-learn's
-    GroupKFold, up to 5 parts), falling back to the best member when it scores better on the whole OOF;
-    any other method, a single member, or a single study gives equal weights.
-
-    Raises:
-        PromoteError: when no registered version is tagged ``ensemble=<name>``.
-    """
-    ms = members(tracking_uri, name)
-    sol = joint_solution(ms)
-    frames = [m.oof for m in ms]
-    k = len(ms)
-    member_rows = []
-    for m in ms:
-        r = score_groups(m.solution.sort_values("row_id", ignore_index=True), m.oof)
-        member_rows.append({"member": m.label, "run_id": m.run_id, "score": r.score, **r.groups})
+def choose_weights(sol: pd.DataFrame, frames: list[pd.DataFrame], method: str = "optimize"
+                   ) -> tuple[np.ndarray, str, dict[str, float]]:
+    """(weights ``[k]``, the method chosen, held-out scores by candidate) for members' OOF `frames`
+    over `sol` (`joint_solution`); see `ensemble`. Members may cover different rows (one promoted
+    on its evaluated folds only): a candidate that covers none of a part's rows scores inf there."""
+    k = len(frames)
     equal = np.full(k, 1.0 / k)
     held_out: dict[str, float] = {}
     weights, chosen = equal, "equal"
@@ -189,8 +182,8 @@ def ensemble(tracking_uri: str, name: str = "default", method: str = "optimize")
                 p = combine(frames, w)
                 preds[key].append(p[p["row_id"].isin(set(test_sol["row_id"]))])
         for key, parts in preds.items():
-            p = pd.concat(parts, ignore_index=True)
-            held_out[key] = score_groups(sol[sol["row_id"].isin(set(p["row_id"]))], p).score
+            scored = _scored(sol, pd.concat(parts, ignore_index=True))
+            held_out[key] = math.inf if scored is None else scored.score
         chosen = min(held_out, key=held_out.get)
         best_single = np.eye(k)[int(np.argmin([weighted_score(sol, frames, np.eye(k)[i]) for i in range(k)]))]
         if chosen == "optimized":
@@ -202,6 +195,27 @@ def ensemble(tracking_uri: str, name: str = "default", method: str = "optimize")
         # whole OOF is noise of a small cross-fit, and the best member is kept instead
         if chosen != "best_member" and weighted_score(sol, frames, weights) > weighted_score(sol, frames, best_single):
             chosen, weights = "best_member (guard)", best_single
+    return weights, chosen, held_out
+
+
+def ensemble(tracking_uri: str, name: str = "default", method: str = "optimize") -> EnsembleResult:
+    """Build and log the ensemble `name` from its promoted members. ``method="optimize"`` fits weights
+    (softmax-parametrised, SciPy Nelder-Mead on the host metric) and keeps the candidate (equal,
+    optimised, best single member) that scores best on whole studies held out (scikit-learn's
+    GroupKFold, up to 5 parts), falling back to the best member when it scores better on the whole OOF;
+    any other method, a single member, or a single study gives equal weights.
+
+    Raises:
+        PromoteError: when no registered version is tagged ``ensemble=<name>``.
+    """
+    ms = members(tracking_uri, name)
+    sol = joint_solution(ms)
+    frames = [m.oof for m in ms]
+    member_rows = []
+    for m in ms:
+        r = score_groups(m.solution.sort_values("row_id", ignore_index=True), m.oof)
+        member_rows.append({"member": m.label, "run_id": m.run_id, "score": r.score, **r.groups})
+    weights, chosen, held_out = choose_weights(sol, frames, method)
     pred = combine(frames, weights)
     total = _scored(sol, pred)
     result = EnsembleResult(name, chosen, member_rows,

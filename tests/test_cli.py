@@ -70,3 +70,23 @@ def test_json_output_of_a_command_that_prints_a_table_by_default(quick_copy, cap
     assert main(["dashboard", "quick", "--json", "--out", "d.html"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["path"].endswith("d.html") and "history" in out["figures"]
+
+
+def test_flags_before_the_space_still_mean_the_study_command():
+    assert vars(parse(["--smoke", "demo", "--n-trials", "2"])) == vars(parse(["study", "demo", "--smoke",
+                                                                              "--n-trials", "2"]))
+
+
+def test_with_json_stdout_holds_the_result_alone(capsys, monkeypatch):
+    """Whatever a command prints while it works (progress, notes) goes to stderr under --json, so
+    stdout parses: checked on a command registered for this test only."""
+    def chatty(args):
+        print("working ...")
+        return cli.emit(args, {"answer": 42}, lambda: print("the answer is 42"))
+
+    monkeypatch.setitem(COMMANDS, "chatty", cli.Command("chatty", "prints while it works", (), None, chatty))
+    assert main(["chatty", "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out) == {"answer": 42} and "working ..." in err
+    assert main(["chatty"]) == 0
+    assert capsys.readouterr().out == "working ...\nthe answer is 42\n"

@@ -200,3 +200,31 @@ def test_without_a_localiser_study_best_says_how_to_make_one(layout, tmp_path):
 
     with pytest.raises(UserError, match="optuna-run localizer"):
         point_source(None, layout.root, f"sqlite:///{tmp_path / 'mlflow.db'}")
+
+
+def test_the_audit_tells_a_repeated_instance_from_a_missing_one(phantom_copy, tmp_path):
+    """A labelled instance number that two files hold is `instance_repeated`, naming both files,
+    not `instance_missing` (the point exists twice; which file was meant is the question)."""
+    import pydicom
+
+    from trainer.data.layout import Layout
+    from trainer.points.audit import audit_points
+
+    layout = Layout(phantom_copy)
+    coords = layout.coordinates
+    point = coords[coords["condition"] == "spinal_canal_stenosis"].iloc[0]
+    sid, series, inst = int(point.study_id), int(point.series_id), int(point.instance_number)
+    folder = layout.series_dir(sid, series)
+    numbers = sorted(int(f.stem) for f in folder.glob("*.dcm"))
+    ds = pydicom.dcmread(folder / f"{numbers[(numbers.index(inst) + 5) % len(numbers)]}.dcm")
+    ds.InstanceNumber = inst
+    ds.save_as(folder / "copy.dcm", enforce_file_format=False)
+    store = VolumeStore(tmp_path / "cache")
+
+    def load(s, i):
+        return store.open(SeriesRef(int(s), int(i), layout.series_dir(s, i)))
+
+    found = audit_points(coords[(coords["study_id"] == sid) & (coords["series_id"] == series)], load)
+    hit = found[found["instance_number"] == inst]
+    assert len(hit) and set(hit["reason"]) == {"instance_repeated"}
+    assert f"{inst}.dcm" in hit.iloc[0]["detail"] and "copy.dcm" in hit.iloc[0]["detail"]

@@ -125,3 +125,23 @@ def test_promote_ensemble_predict(phantom_dir, tmp_path, monkeypatch, capsys):
     hidden = read_labels(phantom_dir / "_phantom" / "test_labels.csv")
     score = score_groups(build_solution(hidden), sub).score
     assert np.isfinite(score) and score > 0
+
+
+def test_members_covering_different_rows_are_weighed_without_error():
+    """A member promoted on its evaluated folds only covers fewer rows than one promoted on all:
+    the cross-fit scores a candidate that covers none of a part's rows as inf, never an error."""
+    from sweep.ensemble import Member, choose_weights, joint_solution
+
+    rng = np.random.default_rng(1)
+    rows = [f"{s}_spinal_canal_stenosis_{lv}" for s in range(1, 9) for lv in ("l1_l2", "l2_l3", "l4_l5")]
+    truth = rng.integers(0, 3, len(rows))
+    sol = pd.DataFrame({"row_id": rows, "normal_mild": (truth == 0) * 1.0, "moderate": (truth == 1) * 1.0,
+                        "severe": (truth == 2) * 1.0, "sample_weight": np.array([1.0, 2.0, 4.0])[truth]})
+    p = rng.dirichlet(np.ones(3), len(rows))
+    oof = pd.DataFrame({"row_id": rows, "normal_mild": p[:, 0], "moderate": p[:, 1], "severe": p[:, 2]})
+    some = oof["row_id"].str.startswith(("1_", "2_"))  # studies 1 and 2 only: one fold's worth
+    full = Member("m", "1", "1", "r1", "s", oof, sol)
+    part = Member("m", "2", "2", "r2", "s", oof[some], sol[some])
+    weights, chosen, held_out = choose_weights(joint_solution([full, part]), [full.oof, part.oof])
+    assert len(weights) == 2 and np.isclose(sum(weights), 1) and chosen
+    assert all(np.isfinite(v) or v == np.inf for v in held_out.values())

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ConfigError
-from ..errors import UserError, did_you_mean
+from ..errors import did_you_mean
 from .heads import get_head, head_names
 from .weights import PretrainedUnavailable, resolve_weights
 
@@ -34,7 +34,10 @@ def check_backbone(name: str) -> None:
     its registry does not hold, or a pretrained tag (``resnet10t.c3_in1k``: the part after the
     dot) that the architecture does not have. `timm.is_model` ignores the tag, and timm would only
     refuse it when the model is created, inside every trial."""
-    arch, _, tag = str(name).partition(".")
+    arch, dot, tag = str(name).partition(".")
+    if dot and not tag:
+        raise ConfigError(f"timm backbone {name!r}: an empty pretrained tag after the dot (drop the dot, or name "
+                          f"a tag: {', '.join(timm.list_pretrained(f'{arch}.*')[:5]) or 'none'})")
     if not timm.is_model(arch):
         raise ConfigError(f"unknown timm backbone {name!r}{did_you_mean(arch, _all_models())}")
     if not tag:

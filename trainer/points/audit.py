@@ -5,6 +5,7 @@ hand, mostly at L1/L2 and L2/L3). `audit_points` lists, per labelled point, what
 impossible or suspicious:
 
 - ``instance_missing``: its instance number is not in its series (or the series cannot be read);
+- ``instance_repeated``: several files of its series hold its instance number (which one was meant?);
 - ``point_outside``: (x, y) lies outside its image;
 - ``levels_out_of_order``: along the spine (patient z, head up) a level is not below the level
   above it, for the same condition (swapped levels);
@@ -26,6 +27,15 @@ from .metrics import COORD_COLUMNS, with_patient_positions
 UNPLACEABLE = 1000.0  # badness of a point that cannot be placed in patient space
 
 
+def _holders(load_volume, study_id: int, series_id: int, instance_number: int) -> list[str]:
+    """The files of a series that hold an instance number ([] when the series cannot be read)."""
+    try:
+        vol = load_volume(study_id, series_id)
+    except Exception:
+        return []
+    return [vol.file_name(i) for i in vol.slices_of_instance(instance_number)]
+
+
 def audit_points(coords: pd.DataFrame, load_volume, predicted: pd.DataFrame | None = None,
                  far_mm: float = 15.0) -> pd.DataFrame:
     """Suspicious labelled points (module doc), worst first.
@@ -44,7 +54,13 @@ def audit_points(coords: pd.DataFrame, load_volume, predicted: pd.DataFrame | No
     shapes: dict[tuple[int, int], object] = {}
     for r in pts.itertuples(index=False):
         if np.isnan(r.slice):
-            flag(r, "instance_missing", f"instance {r.instance_number} is not in series {r.series_id}", UNPLACEABLE)
+            held = _holders(load_volume, int(r.study_id), int(r.series_id), int(r.instance_number))
+            if len(held) > 1:
+                flag(r, "instance_repeated", f"instance {r.instance_number} is held by {len(held)} files of series "
+                     f"{r.series_id} ({', '.join(held)})", UNPLACEABLE)
+            else:
+                flag(r, "instance_missing", f"instance {r.instance_number} is not in series {r.series_id}",
+                     UNPLACEABLE)
             continue
         key = (int(r.study_id), int(r.series_id))
         if key not in shapes:
