@@ -80,6 +80,9 @@ def run_config(tracker: Tracker, run) -> TrainConfig:
     if cut:
         raise UserError(f"run {run.info.run_id} has no {names.CONFIG} artifact and its param(s) {cut} were cut "
                         f"at MLflow's limit: its whole config is not stored")
+    if not run.data.params:
+        raise UserError(f"run {run.info.run_id} is not a trial's run (no {names.CONFIG}, no params): a study's "
+                        f"parent run? `optuna-run runs STUDY` lists the trial runs")
     return TrainConfig.from_flat(run.data.params)
 
 

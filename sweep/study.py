@@ -110,17 +110,17 @@ def _check_weights(space: SearchSpace, settings: Settings, log: Callable[[str], 
         PretrainedUnavailable: `model.pretrained` is true and a backbone has no weights (one line
             listing them and the ways to provide them).
     """
-    from trainer.models.weights import PretrainedUnavailable, resolve_weights
+    from trainer.models.weights import PretrainedUnavailable, check_loadable, resolve_weights
 
     base = space.config(settings)
     sampled = {p.key: p for p in space.params if p.key not in settings.never_sampled(space)}
     backbones = sampled["model.backbone"].choices if "model.backbone" in sampled else (base.model.backbone,)
     pretrained = sampled["model.pretrained"].choices if "model.pretrained" in sampled else (base.model.pretrained,)
     if True in pretrained:
-        resolve_weights(backbones, base.model.weights_dir or None)
+        check_loadable(resolve_weights(backbones, base.model.weights_dir or None))
     elif "auto" in pretrained:  # trials fall back to random init: say so once, here
         try:
-            resolve_weights(backbones, base.model.weights_dir or None)
+            check_loadable(resolve_weights(backbones, base.model.weights_dir or None))
         except PretrainedUnavailable as e:
             log(f"warning: {e} (model.pretrained=auto: those trials start from random init)")
 

@@ -277,3 +277,13 @@ def test_gpu_workers_start_even_after_this_process_used_cuda(phantom_dir, workdi
         if r.info.status == "FINISHED":  # AMP on CUDA, recorded with the run
             assert r.data.tags["environment.device_name"].startswith("NVIDIA")
             assert r.data.tags["environment.amp"] in ("bfloat16", "float16")
+
+
+def test_reproduce_of_a_parent_run_says_it_is_not_a_trial(quick_copy, capsys):
+    from mlflow.tracking import MlflowClient as Client
+
+    parent = study("quick").trials[0].user_attrs["mlflow_run_id"]
+    parent = Client(default_tracking_uri()).get_run(parent).data.tags["mlflow.parentRunId"]
+    assert main(["reproduce", parent]) == 2
+    err = capsys.readouterr().err
+    assert f"run {parent} is not a trial's run" in err and err.count("\n") == 1

@@ -104,3 +104,33 @@ def test_a_study_with_a_weights_folder_resolves_every_backbone_and_runs(weights_
     path.write_text(SPACE.format(weights=f"  model.weights_dir: {weights_dir}\n"))
     outcome = run_study(str(path), data=str(phantom_dir), log=lambda line: None, fit_fn=quick_fit)
     assert outcome.counts["COMPLETE"] == 1
+
+
+@pytest.mark.parametrize("content", ["another architecture", "not a weights file"])
+def test_a_weights_file_that_does_not_load_is_refused_before_any_trial(content, weights_dir, no_hub, phantom_dir,
+                                                                       quick_copy):
+    """A file that is there but does not fit (resnet18's weights under resnet10t's name, or text
+    under a .safetensors name) is refused in one line naming it, not by every trial."""
+    from safetensors.torch import save_file
+
+    from sweep.study import run_study
+
+    bad = weights_dir / "resnet10t.safetensors"
+    if content == "another architecture":
+        save_file(timm.create_model("resnet18", pretrained=False).state_dict(), bad)
+    else:
+        bad.write_text("these are not weights")
+    path = quick_copy / "pre.yaml"
+    path.write_text(SPACE.format(weights=f"  model.weights_dir: {weights_dir}\n"))
+    with pytest.raises(PretrainedUnavailable) as e:
+        run_study(str(path), data=str(phantom_dir), log=lambda line: None)
+    message = str(e.value)
+    assert "\n" not in message and "not loadable for backbone(s) resnet10t" in message and str(bad) in message
+    import optuna
+
+    assert "pre" not in [s.study_name for s in optuna.get_all_study_summaries("sqlite:///studies.db")]
+
+
+def test_a_weights_folder_that_does_not_exist_is_named(no_hub, tmp_path):
+    with pytest.raises(PretrainedUnavailable, match="no such folder"):
+        resolve_weights(["resnet10t"], tmp_path / "nowhere")

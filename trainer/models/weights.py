@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ..errors import UserError
 
-__all__ = ["PretrainedUnavailable", "local_weights", "resolve_weights"]
+__all__ = ["PretrainedUnavailable", "check_loadable", "local_weights", "resolve_weights"]
 
 HUB_TIMEOUT = 5.0  # seconds: the one probe of the hub before a download is attempted
 _FILES = ("{}.safetensors", "{}.pth", "{}.bin", "{}.pt", "{}/model.safetensors", "{}/pytorch_model.bin")
@@ -155,6 +155,8 @@ def resolve_weights(backbones, weights_dir: str | Path | None = None) -> dict[st
         PretrainedUnavailable: one line naming every backbone without weights, why, and the ways
             to provide them.
     """
+    if weights_dir and not Path(weights_dir).is_dir():
+        raise PretrainedUnavailable(f"model.weights_dir {weights_dir}: no such folder")
     found, missing = {}, {}
     for name in dict.fromkeys(backbones):
         path = local_weights(name, weights_dir)
@@ -175,3 +177,27 @@ def resolve_weights(backbones, weights_dir: str | Path | None = None) -> dict[st
             f"<backbone>.safetensors (or .pth) given as model.weights_dir, or a filled Hugging Face cache "
             f"(HF_HOME; HF_HUB_OFFLINE=1 to use it offline), or train from scratch with --set model.pretrained=false (model.pretrained=auto falls back to it)")
     return found
+
+
+def check_loadable(found: dict[str, Path]) -> None:
+    """Build each backbone once with its weights file (`resolve_weights`' result), as a trial
+    would (timm adapts the head and the input channels), so a file that is there but does not fit
+    (another architecture's weights, a truncated or foreign file) is refused before the first
+    trial, not by every trial that samples it.
+
+    Raises:
+        PretrainedUnavailable: one line naming each backbone, its file and why it does not load.
+    """
+    import timm
+
+    bad = {}
+    for name, path in found.items():
+        try:
+            timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), num_classes=0)
+        except Exception as e:
+            lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+            bad[name] = f"{path}: {type(e).__name__}: {' '.join(lines[:3])[:300]}"
+    if bad:
+        raise PretrainedUnavailable(
+            f"pretrained weights found but not loadable for backbone(s) {', '.join(bad)} ({'; '.join(bad.values())}). "
+            f"Replace the file with that backbone's own weights, or train from scratch with --set model.pretrained=false")
