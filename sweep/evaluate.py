@@ -34,6 +34,9 @@ class FoldHooks:
 
 @dataclass
 class FoldScores:
+    """What `evaluate_folds` returns: the folds it trained (their `FitResult`) and any OOF rows of
+    folds trained earlier (`extra_oof`, `extra_solution`: a promotion adds its trial's), scored together."""
+
     results: list = field(default_factory=list)  # one FitResult per fold trained
     stopped: bool = False  # a hook stopped the loop (a pruned trial)
     extra_oof: list[pd.DataFrame] = field(default_factory=list)  # OOF of folds trained earlier
@@ -41,10 +44,12 @@ class FoldScores:
 
     @property
     def oof(self) -> pd.DataFrame:
+        """The OOF predictions of every fold, earlier ones first (Kaggle form: ``row_id`` and the class columns)."""
         return pd.concat(self.extra_oof + [r.oof for r in self.results], ignore_index=True)
 
     @property
     def solution(self) -> pd.DataFrame:
+        """The solution rows matching `oof`, in the same order."""
         return pd.concat(self.extra_solution + [r.solution for r in self.results], ignore_index=True)
 
     def score(self) -> ScoreResult:
@@ -58,6 +63,11 @@ class FoldScores:
 
     @property
     def prior_score(self) -> float:
+        """The mean prior score (training-fold class frequencies) of the folds trained here, not of the
+        earlier ones.
+
+        Raises:
+            ZeroDivisionError: no fold was trained here."""
         return sum(r.prior_score for r in self.results) / len(self.results)
 
 

@@ -29,10 +29,19 @@ INPUT_COLUMNS = ("data_dir", "study_id")
 
 
 class PromotedModel(mlflow.pyfunc.PythonModel):
+    """The pyfunc of a promoted trial: its fold checkpoints, predicting submission rows (module docstring)."""
+
     def load_context(self, context) -> None:
+        """Find the fold checkpoints (``checkpoint_fold*.pt``) in the ``checkpoints`` artifact."""
         self.checkpoints = sorted(Path(context.artifacts["checkpoints"]).glob("checkpoint_fold*.pt"))
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
+        """Submission rows (``row_id``, the class columns, ``fallback``) of the studies in `model_input`
+        (columns ``data_dir``, ``study_id``), the mean over the fold checkpoints. `params`: ``split``
+        (default test), ``device`` (default cpu), ``points`` (a localiser's points csv; empty: the mean-position guess).
+
+        Raises:
+            ValueError: `model_input` lacks ``data_dir`` or ``study_id``."""
         from trainer.infer import predict_studies
 
         params = params or {}
@@ -55,6 +64,8 @@ class PromotedModel(mlflow.pyfunc.PythonModel):
 
 
 def signature():
+    """The model's MLflow signature: inputs ``data_dir``, ``study_id``; outputs ``row_id``, the class columns
+    and an optional ``fallback``; params ``split``, ``device``, ``points``."""
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
@@ -67,6 +78,7 @@ def signature():
 
 
 def requirements() -> list[str]:
+    """Pip requirements pinned to the versions installed here (``name==version``)."""
     from .tracking import package_versions
 
     return [f"{k}=={v}" for k, v in package_versions().items()]

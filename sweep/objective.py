@@ -81,6 +81,8 @@ class TrialFolds(FoldHooks):
         self.reported: float | None = None  # the last value reported to Optuna: a pruned trial's value
 
     def callbacks(self, i: int, fold: int) -> list:
+        """The i-th fold's callbacks: curves into the run at global steps after ``i * epochs``, the progress
+        bar, and (unless the pruner is fold-wise) a `Reporter`."""
         offset = i * self.epochs
         out = [MlflowCurves(self.tracker, self.run_id, offset, fold, self.n)]
         if self.progress is not None:
@@ -92,6 +94,8 @@ class TrialFolds(FoldHooks):
         return out
 
     def done(self, i: int, fold: int, result) -> bool:
+        """Log the fold's artifacts, record the last step and the value reported, report the fold's score
+        to a fold-wise pruner; True when the trial is pruned (`pruned_at` says where)."""
         _fold_artifacts(self.artifacts, result, fold, self.n)
         self.steps = i * self.epochs + len(result.history)
         if self.reporter is not None:

@@ -60,6 +60,10 @@ def _study_trial(study: optuna.Study, trial: int | None, run_id: str | None):
 
 @dataclass
 class Promotion:
+    """What `promote` did: the registered model and version, the trial and its run, every fold the
+    version covers (`folds`) and those trained now (`trained_folds`), the OOF score over all of them
+    with its per-group losses; `already`: the trial was registered before (nothing trained, no groups)."""
+
     model: str
     version: str
     trial: int
@@ -82,6 +86,7 @@ class PromotionFolds(FoldHooks):
         self.child: str | None = None
 
     def callbacks(self, i: int, fold: int) -> list:
+        """Start the fold's child run and log its params; its callback logs curves into it."""
         self.log(f"promote: trial {self.trial} trains fold {fold} ...")
         self.child = self.tracker.start_run(
             self.run.info.experiment_id, f"{self.run.info.run_name}-fold{fold}", parent_run_id=self.run.info.run_id,
@@ -91,6 +96,8 @@ class PromotionFolds(FoldHooks):
         return [MlflowCurves(self.tracker, self.child)]
 
     def done(self, i: int, fold: int, result) -> bool:
+        """Log the fold's OOF, solution, history, confusion and score to its child run, finish the run and
+        keep the checkpoint under ``promoted/``; never stops the loop."""
         art = self.work / f"art{fold}"
         art.mkdir()
         result.oof.to_csv(art / names.OOF, index=False)
@@ -106,6 +113,7 @@ class PromotionFolds(FoldHooks):
         return False
 
     def failed(self, i: int, fold: int, error: BaseException) -> None:
+        """Mark the fold's child run FAILED with the error."""
         if self.child:
             self.tracker.fail_run(self.child, f"{type(error).__name__}: {error}")
 
@@ -123,6 +131,14 @@ def _input_example(cfg: TrainConfig) -> pd.DataFrame:
 def promote(study_name: str, storage_url: str, tracking_uri: str, trial: int | None = None,
             run_id: str | None = None, all_folds: bool = True, data_dir: str | None = None,
             ensemble: str = "default", log=print) -> Promotion:
+    """Promote a trial of `study_name` (by `trial` number, by MLflow `run_id`, else the best one): train
+    the folds it was not evaluated on (all of ``data.n_folds`` with `all_folds`), and register a new
+    version of ``spinesweep-<study>`` tagged ``ensemble=<ensemble>``, aliased ``trial_<n>``. A trial
+    registered already is returned as is (``already=True``). `data_dir` overrides the run's data folder.
+
+    Raises:
+        PromoteError: no such trial or run, the trial is not COMPLETE or has no MLflow run, it is a
+            localiser, or its run lacks the OOF, solution or fold checkpoints."""
     from .storage import open_study
 
     study = open_study(storage_url, study_name)

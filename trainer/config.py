@@ -55,6 +55,7 @@ class DataConfig:
     cache_budget_gb: float = 0.0  # the volume cache's disk budget; 0: $SPINESWEEP_CACHE_BUDGET or 64 GiB
 
     def used_planes(self) -> tuple[str, ...]:
+        """The planes to build crops for, in `PLANES` order: `planes` when given, else those the conditions need."""
         if self.planes:
             return tuple(p for p in PLANES if p in self.planes)
         need = {PLANE_FOR_CONDITION[c] for c in self.conditions}
@@ -63,6 +64,8 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
+    """The classifier network: timm backbone and weights, slices per image, head and pooling."""
+
     backbone: str = "tf_efficientnet_b0.ns_jft_in1k"
     pretrained: bool | Literal["auto"] = True
     weights_dir: str = ""  # a folder of pretrained weights (<backbone>.safetensors/.pth), before any cache or hub
@@ -77,6 +80,8 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
+    """Optimiser, schedule and loss (shared by the localiser): lr, epochs, warmup share, class weights, EMA."""
+
     lr: float = 1e-3
     epochs: int = 10
     batch_size: int = 8
@@ -93,6 +98,8 @@ class OptimConfig:
 
 @dataclass(frozen=True)
 class AugmentConfig:
+    """Training augmentation: an albumentations preset or explicit ops, mixup, crop jitter."""
+
     preset: str = "light"  # none / light / medium / heavy
     ops: tuple[dict, ...] = ()  # [{name: HorizontalFlip, p: 0.5, ...}]: replaces the preset when given
     mixup_alpha: float = 0.0
@@ -119,6 +126,8 @@ class LocalizerConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
+    """One training run: the sections above plus task, seed, device, AMP, workers, checkpoint selection."""
+
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -135,10 +144,19 @@ class TrainConfig:
     # ---- construction ----
     @classmethod
     def from_dict(cls, d: dict | None) -> "TrainConfig":
+        """From a nested dict (sections of keys); missing keys keep their defaults.
+
+        Raises:
+            ConfigError: an unknown key, a wrong type or an invalid value."""
         return _build(cls, d or {}, "")
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "TrainConfig":
+        """From a YAML file of config sections.
+
+        Raises:
+            ConfigError: invalid YAML, a top level that is not a mapping, or a bad key (prefixed with the path).
+            OSError: the file cannot be read."""
         path = Path(path)
         try:
             d = yaml.safe_load(path.read_text()) or {}
@@ -158,9 +176,11 @@ class TrainConfig:
 
     # ---- views ----
     def to_dict(self) -> dict:
+        """A nested dict of plain values (tuples as lists), the inverse of `from_dict`."""
         return _to_plain(self)
 
     def to_yaml(self) -> str:
+        """The nested dict as YAML, in field order (what `from_yaml` reads)."""
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     def to_flat(self) -> dict[str, str]:

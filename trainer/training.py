@@ -24,6 +24,9 @@ Callback = Callable[[int, dict], "bool | None"]
 
 @dataclass
 class FitResult:
+    """What `fit` (or `points.fit`) returns for one fold: history, best epoch and its score, OOF rows,
+    checkpoint and the run's record (environment, data fingerprint, sizes, seconds)."""
+
     config: TrainConfig
     history: list[dict]  # one dict of metrics per epoch
     best_epoch: int  # 1-based, chosen by config.select_by
@@ -48,6 +51,10 @@ class FitResult:
 
 
 def resolve_device(name: str) -> torch.device:
+    """``auto`` -> cuda when available, else cpu; any other name as a torch device.
+
+    Raises:
+        RuntimeError: a CUDA device is named and CUDA is not available."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(name)
@@ -69,12 +76,15 @@ def loader_workers(configured: int, device: torch.device) -> int:
 
 
 def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's generators."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
 
 
 def lr_lambda(cfg, total_steps: int) -> Callable[[int], float]:
+    """The `LambdaLR` factor of an optimiser step: linear warmup over ``warmup_ratio`` of the steps, then
+    constant, linear to 0, or half-cosine to 0 (``optim.scheduler``)."""
     warmup = int(cfg.optim.warmup_ratio * total_steps)
 
     def f(step: int) -> float:
@@ -99,6 +109,7 @@ class EMA:
             model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(decay), use_buffers=True)
 
     def update(self, model):
+        """Fold `model`'s current weights and buffers into the average."""
         self.model.update_parameters(model)
 
 
@@ -148,6 +159,8 @@ def environment(device: torch.device, amp_dtype) -> dict:
 
 
 def worker_init(worker_id: int) -> None:
+    """DataLoader `worker_init_fn`: seed the worker's Python, NumPy and albumentations generators from
+    its torch seed (so runs repeat with the same generator)."""
     info = torch.utils.data.get_worker_info()
     seed = int(info.seed % 2**31)
     np.random.seed(seed)

@@ -95,10 +95,14 @@ class Anatomy:
         return self.midline_x + self.lateral * (z - self.disc_z.mean()) / 70.0
 
     def canal_y(self, z):
+        """Patient y (mm) of the canal's centre at height z: a parabola, `canal_y0` at the mean disc height,
+        `lordosis` mm less (anterior) 80 mm above or below it."""
         mid = self.disc_z.mean()
         return self.canal_y0 - self.lordosis * ((z - mid) / 80.0) ** 2
 
     def nearest_level(self, Z):
+        """Index of the nearest disc (0 = L1/L2 ... 4 = L5/S1) to each height in `Z` (mm), an intp array of
+        `Z`'s shape; the discs are equally spaced."""
         step = self.disc_z[0] - self.disc_z[1]
         return np.clip(np.rint((self.disc_z[0] - Z) / step), 0, 4).astype(np.intp)
 
@@ -207,6 +211,10 @@ def _anatomy(rng: np.random.Generator, grades: np.ndarray) -> Anatomy:
 
 @dataclass
 class SeriesPlan:
+    """Where one series' slices lie: per slice the DICOM ImagePositionPatient (mm) and
+    ImageOrientationPatient, pixel spacing, size (pixels), slice thickness and gap (mm), patient position
+    (HFS/FFS), and the sequence (`INTENSITY` key) rendered."""
+
     description: str
     seq: str
     positions: np.ndarray  # (S, 3)

@@ -51,6 +51,7 @@ def check_backbone(name: str) -> None:
 
 
 def check_head(name: str) -> None:
+    """Raise ConfigError (with close names) for a head the registry does not hold."""
     try:
         get_head(name)
     except KeyError as e:
@@ -66,6 +67,7 @@ class GeM(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[N, C, H, W]`` -> ``[N, C]``, or ``[N, T, C]`` tokens -> ``[N, C]``."""
         dims = (2, 3) if x.ndim == 4 else (1,)
         return x.clamp_min(self.eps).pow(self.p).mean(dims).pow(1.0 / self.p)
 
@@ -103,6 +105,14 @@ def create_backbone(name: str, pretrained, weights_dir: str = "", **kwargs):
 
 
 class SpineNet(nn.Module):
+    """Slice stack ``[B, n_slices, H, W]`` -> logits ``[B, n_conditions, 3]``: zero slices pad the stack to
+    a multiple of `in_chans`, each group of `in_chans` slices is one backbone image (a token), the head
+    reads the ``[B, tokens, n_features]`` features.
+
+    Raises:
+        ConfigError: an unknown backbone, pretrained tag or head.
+        PretrainedUnavailable: `pretrained` is True and the weights cannot be loaded."""
+
     def __init__(self, model_cfg, n_slices: int, n_conditions: int):
         super().__init__()
         check_backbone(model_cfg.backbone)
@@ -121,6 +131,7 @@ class SpineNet(nn.Module):
         self.head = get_head(model_cfg.head)(self.n_features, self.n_tokens, n_conditions, model_cfg)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, n_slices, H, W]`` -> logits ``[B, n_conditions, 3]``."""
         b, s, h, w = x.shape
         if self.pad:
             x = F.pad(x, (0, 0, 0, 0, 0, self.pad))
@@ -129,4 +140,5 @@ class SpineNet(nn.Module):
 
 
 def build_model(model_cfg, n_slices: int, n_conditions: int) -> SpineNet:
+    """The classifier network of a `ModelConfig` (`SpineNet`; raises as it does)."""
     return SpineNet(model_cfg, n_slices, n_conditions)

@@ -234,6 +234,7 @@ class SliceDataset(Dataset):
         return {**self.__dict__, "_open": {}}
 
     def volume(self, study_id: int, series_id: int) -> Volume:
+        """The series' volume from the store, opened once per process and kept open."""
         key = (study_id, series_id)
         if key not in self._open:
             folder = self.layout.series_dir(study_id, series_id)

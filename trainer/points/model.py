@@ -44,6 +44,7 @@ class KeypointNet(nn.Module):
         nn.init.constant_(self.head[-1].bias, -4.0)  # heatmaps start near 0: most cells hold no point
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, in_chans, S, S]`` -> heatmap logits ``[B, N_CHANNELS, S / stride, S / stride]``."""
         feats = self.backbone(x)
         fine = feats[self.keep[0]]
         out = 0
