@@ -30,16 +30,28 @@ def heartbeat(storage: BaseStorage, trial_id: int):
     if not interval:
         yield
         return
-    stop = threading.Event()
 
     def beat():
-        while True:
-            with contextlib.suppress(*STORAGE_ERRORS):
-                storage.record_heartbeat(trial_id)
-            if stop.wait(interval):
-                return
+        with contextlib.suppress(*STORAGE_ERRORS):
+            storage.record_heartbeat(trial_id)
 
-    thread = threading.Thread(target=beat, name=f"optuna-heartbeat-{trial_id}", daemon=True)
+    with _every(interval, beat, f"optuna-heartbeat-{trial_id}", at_once=True):
+        yield
+
+
+@contextlib.contextmanager
+def _every(interval: float, action, name: str, at_once: bool):
+    """Run `action()` every `interval` seconds (first at once if `at_once`) in a daemon thread
+    while the block runs; the thread is stopped and joined when it ends."""
+    stop = threading.Event()
+
+    def loop():
+        if at_once:
+            action()
+        while not stop.wait(interval):
+            action()
+
+    thread = threading.Thread(target=loop, name=name, daemon=True)
     thread.start()
     try:
         yield
@@ -73,20 +85,12 @@ def parent_heartbeat(tracker, run_id: str, interval: float):
     """Refresh the parent run's heartbeat tag every `interval` seconds while the block runs. A beat
     that fails (the tracking server away) is skipped; the next one tries again. Start it after
     forking workers: a thread holding a connection's lock must not be forked."""
-    stop = threading.Event()
-
     def beat():
-        while not stop.wait(interval):
-            with contextlib.suppress(Exception):
-                tracker.set_tags(run_id, {BEAT: f"{time.time():.0f}"})
+        with contextlib.suppress(Exception):
+            tracker.set_tags(run_id, {BEAT: f"{time.time():.0f}"})
 
-    thread = threading.Thread(target=beat, name=f"spinesweep-parent-heartbeat-{run_id[:8]}", daemon=True)
-    thread.start()
-    try:
+    with _every(interval, beat, f"spinesweep-parent-heartbeat-{run_id[:8]}", at_once=False):
         yield
-    finally:
-        stop.set()
-        thread.join()
 
 
 def dead_launcher(tags: dict[str, str], now: float | None = None) -> str | None:
