@@ -155,9 +155,10 @@ def test_disk_full_while_writing_the_cache_leaves_no_entry(small_disk, phantom_d
     assert not list((small_disk / "cache" / "volumes").rglob("*.tmp"))
     assert not list((small_disk / "cache" / "volumes").rglob("*.json"))  # no entry, so nothing corrupt to reuse
     (small_disk / "filler").unlink()  # space again: the entries are built and then reused
-    assert source.prepare([sid]).decoded == 3
+    built = source.prepare([sid])
+    assert built.decoded == built.series >= 3  # every series the spec cuts from (the phantom may give 2 axial)
     again = SampleSource(layout, spec, VolumeStore(small_disk / "cache")).prepare([sid])
-    assert again.reused == 3 and again.decoded == 0
+    assert again.reused == built.series and again.decoded == 0
     fresh = SampleSource(layout, spec, VolumeStore(small_disk.parent / "fresh-cache"))
     fresh.prepare([sid])
     assert np.array_equal(source.study_crops(sid).images, fresh.study_crops(sid).images)
