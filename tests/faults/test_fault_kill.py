@@ -123,7 +123,8 @@ def test_ctrl_c_of_the_launcher_then_resume(phantom_dir, workdir):
     s = optuna.load_study(study_name="demo-smoke", storage="sqlite:///studies.db")
     interrupted = [t for t in s.trials if t.user_attrs.get("interrupted")]
     waiting = [t for t in s.trials if t.state == optuna.trial.TrialState.WAITING]
-    assert len(interrupted) == 2 and all(t.state == optuna.trial.TrialState.FAIL for t in interrupted)
+    assert len(interrupted) == 2 and all(t.state == optuna.trial.TrialState.FAIL for t in interrupted), \
+        ([(t.number, t.state.name, t.user_attrs) for t in s.trials], out)
     assert sorted(t.user_attrs["retry_of_interrupted"] for t in waiting) == sorted(t.number for t in interrupted)
     runs = child_runs("demo-smoke")
     assert not [r for r in runs if r.info.status == "RUNNING"]
