@@ -3,10 +3,12 @@ PostgreSQL), Ctrl-C of the launcher and --resume, launchers racing on a fresh st
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import optuna
 import psutil
@@ -15,6 +17,7 @@ from mlflow.tracking import MlflowClient
 
 from sweep.tracking import default_tracking_uri
 
+REPO = Path(__file__).resolve().parents[2]
 DONE = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 
 
@@ -22,6 +25,17 @@ def start(args, cwd, **kw):
     env = dict(os.environ, SPINESWEEP_HEARTBEAT="2", PYTHONUNBUFFERED="1")
     return subprocess.Popen([sys.executable, "-m", "spinesweep", *args], cwd=cwd, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **kw)
+
+
+def unpruned_demo(workdir) -> str:
+    """The demo space without its pruner, as a file in `workdir` (its study is still demo-smoke):
+    a trial the test means to kill or interrupt mid-way must not end early, pruned, before the
+    signal (on a fast machine a pruned trial ends within a second of its first epoch)."""
+    text = (REPO / "search_spaces" / "demo.yaml").read_text()
+    text = re.sub(r"^pruner: .*$", "pruner: {name: none}", text, flags=re.M)
+    path = workdir / "demo.yaml"
+    path.write_text(text)
+    return str(path)
 
 
 def sqlalchemy_url(url: str) -> str:
@@ -32,7 +46,7 @@ def wait_for_running(proc, storage: str, name: str, k: int, timeout: float = 240
     """Until k trials run with their MLflow run started; returns the launcher's worker processes."""
     deadline = time.time() + timeout
     while time.time() < deadline:
-        time.sleep(1)
+        time.sleep(0.2)
         assert proc.poll() is None, proc.communicate()[0]
         try:
             running = [t for t in optuna.load_study(study_name=name, storage=sqlalchemy_url(storage)).trials
@@ -59,7 +73,7 @@ def test_sigkill_of_a_worker_mid_trial(engine, phantom_dir, workdir, request):
     storage = "sqlite:///studies.db"
     if engine == "postgresql":
         storage = request.getfixturevalue("postgres").create_db("optuna_kill")
-    proc = start(["demo", "--smoke", "--n-trials", "4", "--workers", "2", "--storage", storage,
+    proc = start([unpruned_demo(workdir), "--smoke", "--n-trials", "4", "--workers", "2", "--storage", storage,
                   "--data", str(phantom_dir), "--set", "optim.epochs=8", "--set", "data.max_studies=40"], workdir)
     # both workers mid-trial with their MLflow runs started, so the one killed has a run to close
     # (one killed between ask and its run has none: a race of the test, not a fault to check)
@@ -83,8 +97,9 @@ def test_sigkill_of_a_worker_mid_trial(engine, phantom_dir, workdir, request):
 def test_every_worker_killed_says_why_and_leaves_nothing_running(phantom_dir, workdir):
     """No heartbeat is left to notice: the launcher fails the dead workers' trials (not counted
     towards N) and closes their runs, says which signal killed them, and --resume finishes."""
-    proc = start(["demo", "--smoke", "--n-trials", "3", "--workers", "2", "--data", str(phantom_dir),
-                  "--set", "optim.epochs=8", "--set", "data.max_studies=40"], workdir)
+    space = unpruned_demo(workdir)
+    proc = start([space, "--smoke", "--n-trials", "3", "--workers", "2", "--data", str(phantom_dir),
+                  "--set", "optim.epochs=100", "--set", "data.max_studies=40"], workdir)
     kids = wait_for_running(proc, "sqlite:///studies.db", "demo-smoke", 2)
     for k in kids:
         k.send_signal(signal.SIGKILL)
@@ -102,7 +117,7 @@ def test_every_worker_killed_says_why_and_leaves_nothing_running(phantom_dir, wo
     assert not [r for r in runs if r.info.status == "RUNNING"]
     assert {r.info.run_id for r in runs if r.info.status == "FAILED"} >= {t.user_attrs["mlflow_run_id"] for t in died}
     # the dead trials do not count: --resume runs three more
-    proc = start(["demo", "--smoke", "--n-trials", "3", "--resume", "--data", str(phantom_dir)], workdir)
+    proc = start([space, "--smoke", "--n-trials", "3", "--resume", "--data", str(phantom_dir)], workdir)
     out, _ = proc.communicate(timeout=400)
     assert proc.returncode == 0, out
     s = optuna.load_study(study_name="demo-smoke", storage="sqlite:///studies.db")
@@ -114,8 +129,9 @@ def test_ctrl_c_of_the_launcher_then_resume(phantom_dir, workdir):
     """Ctrl-C reaches the launcher and its workers (one process group, as from a terminal): the
     running trials are FAILED and marked interrupted, their parameters enqueued again, their runs
     closed KILLED; --resume then finishes the study where it was."""
-    proc = start(["demo", "--smoke", "--n-trials", "3", "--workers", "2", "--data", str(phantom_dir),
-                  "--set", "optim.epochs=8", "--set", "data.max_studies=40"], workdir, start_new_session=True)
+    space = unpruned_demo(workdir)  # trials that cannot end before the Ctrl-C
+    proc = start([space, "--smoke", "--n-trials", "3", "--workers", "2", "--data", str(phantom_dir),
+                  "--set", "optim.epochs=100", "--set", "data.max_studies=40"], workdir, start_new_session=True)
     wait_for_running(proc, "sqlite:///studies.db", "demo-smoke", 2)
     os.killpg(proc.pid, signal.SIGINT)
     out, _ = proc.communicate(timeout=120)
@@ -131,7 +147,7 @@ def test_ctrl_c_of_the_launcher_then_resume(phantom_dir, workdir):
     assert {r.info.status for r in runs if r.info.run_id in {t.user_attrs["mlflow_run_id"] for t in interrupted}} \
         == {"KILLED"}
 
-    again = start(["demo", "--smoke", "--n-trials", "3", "--resume", "--data", str(phantom_dir),
+    again = start([space, "--smoke", "--n-trials", "3", "--resume", "--data", str(phantom_dir),
                    "--set", "optim.epochs=2", "--set", "data.max_studies=40"], workdir)
     out, _ = again.communicate(timeout=400)
     assert again.returncode == 0, out
