@@ -137,3 +137,31 @@ def phantom30_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("phantom30")
     make_phantom(out, studies=30, test_studies=2, seed=1, jobs=2)
     return out
+
+
+# -- test time by loop -----------------------------------------------------------------------------
+# The README's goals are in test time: the fast loop (-m "not slow") and the whole suite. Every run
+# ends with the time its tests took (setup, call and teardown, summed over every xdist worker), by
+# loop, next to the wall time, so CI's log measures both goals in one run.
+_TEST_TIME: dict[str, list[float]] = {"fast": [], "slow": []}  # fast: not marked slow
+
+
+def pytest_runtest_logreport(report):
+    loop = "slow" if "slow" in report.keywords else "fast"
+    _TEST_TIME[loop].append(report.duration)  # one report per phase: setup, call, teardown
+
+
+def pytest_sessionstart(session):
+    import time
+
+    session.config._spinesweep_started = time.time()
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    import time
+
+    parts = [f"{loop} {sum(t):.0f} s" for loop, t in _TEST_TIME.items() if t]
+    if parts:
+        wall = time.time() - config._spinesweep_started
+        terminalreporter.write_sep("-", f"test time by loop: {', '.join(parts)} (wall {wall:.0f} s)")

@@ -30,7 +30,7 @@ from .data.layout import TARGET_COLUMNS, Layout, parse_row_ids
 from .metric import build_solution, class_prior, predictions_frame, score_groups
 from .models import build_model
 # the loop's shared parts live in `training`; imported here too, as before (trainer.fit.resolve_device...)
-from .training import (EMA, Callback, FitResult, environment, loader_workers, lr_lambda,  # noqa: F401
+from .training import (EMA, Callback, FitResult, environment, loader_workers, lr_lambda, optimizer_step,  # noqa: F401
                        resolve_device, seed_everything, train_val_split, worker_init)
 
 
@@ -212,18 +212,7 @@ def _train_epoch(model, loader, optimizer, scheduler, scaler, ema, cfg, device, 
             logits = model(x)
         loss = weighted_loss(logits, target, mask, class_w, cfg.optim.focal_gamma if cfg.optim.loss == "focal" else 0.0,
                              cfg.optim.label_smoothing)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"training loss is {loss.item()} at epoch {epoch}, step {step + 1}")
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        if cfg.optim.grad_clip:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
-        if ema is not None:
-            ema.update(model)
+        optimizer_step(loss, model, optimizer, scheduler, scaler, ema, cfg.optim.grad_clip, epoch, step)
         total += loss.item() * len(x)
         n += len(x)
         if progress:

@@ -113,6 +113,29 @@ class EMA:
         self.model.update_parameters(model)
 
 
+def optimizer_step(loss: torch.Tensor, model: torch.nn.Module, optimizer, scheduler, scaler, ema: "EMA | None",
+                   grad_clip: float, epoch: int, step: int) -> None:
+    """One training step after the forward pass: backward through the AMP `scaler` (a disabled one on
+    CPU), gradient-norm clipping at `grad_clip` (0: none; on unscaled gradients), the optimiser and
+    scheduler steps, the EMA update.
+
+    Raises:
+        FloatingPointError: `loss` is NaN or infinite (named with its `epoch` and 1-based `step`);
+            nothing is updated."""
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"training loss is {loss.item()} at epoch {epoch}, step {step + 1}")
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if grad_clip:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    scheduler.step()
+    if ema is not None:
+        ema.update(model)
+
+
 def train_val_split(layout: Layout, cfg: TrainConfig, cache_root: Path, fingerprint: str):
     """(training, validation) study ids of `cfg.data.fold`, sorted."""
     folds = load_folds(layout, cfg.data.n_folds, cfg.data.folds_seed, cache_root, fingerprint)

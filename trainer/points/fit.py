@@ -29,8 +29,8 @@ from ..data.cache import data_fingerprint, default_cache_dir
 from ..data.geometry import nearest_slice, pixel_to_patient
 from ..data.layout import Layout
 from ..data.volumes import SeriesRef, VolumeStore, cache_budget
-from ..training import (EMA, Callback, FitResult, environment, loader_workers, lr_lambda, resolve_device,
-                        seed_everything, train_val_split, worker_init)
+from ..training import (EMA, Callback, FitResult, environment, loader_workers, lr_lambda, optimizer_step,
+                        resolve_device, seed_everything, train_val_split, worker_init)
 from .data import GROUP_OF_CONDITION, SliceDataset, slice_frame
 from .locate import SeriesMaps, decode_study
 from .metrics import COORD_COLUMNS, competition_form, score_points, with_patient_positions
@@ -184,18 +184,7 @@ def _train_epoch(model, loader, optimizer, scheduler, scaler, ema, cfg, device, 
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             logits = model(x)
         loss = heatmap_loss(logits, target, mask)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"training loss is {loss.item()} at epoch {epoch}, step {step + 1}")
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        if cfg.optim.grad_clip:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
-        if ema is not None:
-            ema.update(model)
+        optimizer_step(loss, model, optimizer, scheduler, scaler, ema, cfg.optim.grad_clip, epoch, step)
         total += loss.item() * len(x)
         n += len(x)
         if progress:
