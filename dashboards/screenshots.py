@@ -24,7 +24,7 @@ def _free_port() -> int:
 
 def mlflow_ui(tracking_uri: str, experiment: str, out: Path) -> Path:
     """Start `mlflow ui` on loopback, screenshot the experiment's run list, stop it."""
-    from sweep.tracking import Tracker
+    from sweep.tracking import Tracker, server_env
 
     exp = Tracker(tracking_uri).get_experiment(experiment)
     if exp is None:
@@ -32,7 +32,7 @@ def mlflow_ui(tracking_uri: str, experiment: str, out: Path) -> Path:
     port = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", tracking_uri,
                              "--host", "127.0.0.1", "--port", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=server_env())
     try:
         base = f"http://127.0.0.1:{port}"
         for _ in range(120):

@@ -638,12 +638,15 @@ def _print_import(s, q: dict | None, verbose: bool) -> None:
 def serve(cmd: list[str], grace: float = 10.0) -> int:
     """Run an MLflow server command in its own process group until it ends, or until this process
     gets SIGTERM, SIGINT or SIGHUP: then the whole group (the server and its workers) is stopped,
-    so `kill` of optuna-run never leaves a server answering on its port. Returns the server's
-    exit code (0 when stopped by a signal)."""
+    so `kill` of optuna-run never leaves a server answering on its port. The server runs without
+    MLflow's job runner unless asked (`sweep.tracking.server_env`). Returns the server's exit code
+    (0 when stopped by a signal)."""
     import signal
     import subprocess
 
-    child = subprocess.Popen(cmd, start_new_session=True)
+    from sweep.tracking import server_env
+
+    child = subprocess.Popen(cmd, start_new_session=True, env=server_env())
 
     def stop(signum, frame):
         raise KeyboardInterrupt

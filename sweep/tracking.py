@@ -37,6 +37,17 @@ def default_artifact_location(root: Path = DEFAULT_MLRUNS) -> str:
     return (Path(root) / "artifacts").resolve().as_uri()
 
 
+def server_env() -> dict[str, str]:
+    """The environment an MLflow server (`mlflow ui`, `mlflow server`) is started with: this one,
+    with MLflow's job execution off unless ``MLFLOW_SERVER_ENABLE_JOB_EXECUTION`` is set. MLflow 3
+    otherwise starts a job runner with about eight huey consumer processes beside the server (for
+    its GenAI jobs, which studies never submit), each importing mlflow: on 2 cores that more than
+    doubled a server's start-up and kept the cores busy while it ran."""
+    env = dict(os.environ)
+    env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
+    return env
+
+
 def _client(uri: str):
     from mlflow.tracking import MlflowClient
 

@@ -11,7 +11,7 @@ import pytest
 
 from dashboards.browser import chromium, dom
 from spinesweep.cli import main
-from sweep.tracking import VIEW_TAG, Tracker, default_tracking_uri, view_url
+from sweep.tracking import VIEW_TAG, Tracker, default_tracking_uri, server_env, view_url
 
 from helpers import free_port
 
@@ -29,7 +29,8 @@ def test_the_study_view_shows_trials_with_score_and_parameters(phantom_dir, tmp_
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", default_tracking_uri(),
                              "--host", "127.0.0.1", "--port", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                            env=server_env())
     try:
         base = f"http://127.0.0.1:{port}"
         deadline = time.time() + 120
