@@ -7,8 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from trainer.data.layout import Layout
-from trainer.data.phantom import make_phantom
+# no usage telemetry from test runs (MLflow would try to send it, from every process the tests start)
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+from trainer.data.layout import Layout  # noqa: E402
+from trainer.data.phantom import make_phantom  # noqa: E402
 
 
 @pytest.fixture(scope="session", autouse=True)
