@@ -51,6 +51,14 @@ class DataConfig:
     n_folds: int = 4
     folds_seed: int = 42
     max_studies: int = 0  # 0: all; a cap for smoke runs
+    # the points the validation fold's crops are cut around: `labelled` (train_label_coordinates.csv)
+    # or `oof`, a localiser's out-of-fold points read from `val_points_file` (a CSV in the
+    # train_label_coordinates.csv form: `optuna-run localize`'s output, a localiser trial's
+    # oof_coordinates_fold<k>.csv), so the fold is scored as the leaderboard scores it. Training
+    # crops always stay on the labelled points. The trainer reads a local file only; a study
+    # resolves ``runs:/`` and ``models:/`` URIs before its trials (`sweep.localize.oof_points_file`).
+    val_points: Literal["labelled", "oof"] = "labelled"
+    val_points_file: str = ""
     cache_dir: str = ""  # empty: $SPINESWEEP_CACHE or ~/.cache/spinesweep
     cache_budget_gb: float = 0.0  # the volume cache's disk budget; 0: $SPINESWEEP_CACHE_BUDGET or 64 GiB
 
@@ -368,6 +376,10 @@ def _validate(obj, prefix: str) -> None:
             raise ConfigError(f"{prefix}cache_budget_gb: must be >= 0 (0: the default), got {obj.cache_budget_gb}")
         if not 0 <= obj.fold < obj.n_folds:
             raise ConfigError(f"{prefix}fold: must be in [0, n_folds={obj.n_folds}), got {obj.fold}")
+        if obj.val_points == "oof" and not obj.val_points_file.strip():
+            raise ConfigError(f"{prefix}val_points_file: required with {prefix}val_points: oof (a CSV of a "
+                              "localiser's out-of-fold points in the train_label_coordinates.csv form, or in a "
+                              "study a runs:/RUN_ID or models:/ URI of a localiser)")
     elif isinstance(obj, OptimConfig):
         for k in ("lr", "epochs", "batch_size"):
             if getattr(obj, k) <= 0:
