@@ -118,6 +118,21 @@ class PromotionFolds(FoldHooks):
             self.tracker.fail_run(self.child, f"{type(error).__name__}: {error}")
 
 
+def _local_val_points(cfg: TrainConfig, run, tracking_uri: str) -> TrainConfig:
+    """A trial scored on a localiser's out-of-fold points (``data.val_points: oof``) whose points
+    file came from MLflow (its run's ``val_points_source`` tag) and is not on this machine: the
+    same URI downloaded again, so its missing folds are scored on the same localiser's points."""
+    from trainer.data.cache import default_cache_dir
+
+    from .localize import oof_points_file
+
+    source = run.data.tags.get("val_points_source")
+    if cfg.data.val_points != "oof" or not source or Path(cfg.data.val_points_file).is_file():
+        return cfg
+    local = oof_points_file(source, tracking_uri, default_cache_dir(cfg.data.cache_dir) / "val_points")
+    return cfg.with_overrides({"data.val_points_file": str(local)})
+
+
 def _input_example(cfg: TrainConfig) -> pd.DataFrame:
     """One test study of the trial's data folder (a training study when it has none)."""
     from trainer.data.layout import Layout
@@ -158,6 +173,7 @@ def promote(study_name: str, storage_url: str, tracking_uri: str, trial: int | N
                            f"supported yet; use its points with optuna-run localize --model runs:/{run_id}")
     if data_dir:
         cfg = cfg.with_overrides({"data.data_dir": data_dir})
+    cfg = _local_val_points(cfg, run, tracking_uri)
     evaluated = [int(f) for f in run.data.tags.get("spinesweep.folds", str(cfg.data.fold)).split(",")]
     wanted = list(range(cfg.data.n_folds)) if all_folds else evaluated
     missing = [f for f in wanted if f not in evaluated]
@@ -201,7 +217,9 @@ def promote(study_name: str, storage_url: str, tracking_uri: str, trial: int | N
             model, source=f"{run.info.artifact_uri}/{names.PROMOTED}/model", run_id=run_id,
             tags={"ensemble": ensemble, "trial": str(t.number), "trial_run_id": run_id, "study": study_name,
                   "space": space, "folds": json.dumps(all_done), "oof_score": f"{total.score:.6f}",
-                  "conditions": json.dumps(list(cfg.data.conditions))},
+                  "conditions": json.dumps(list(cfg.data.conditions)), "val_points": cfg.data.val_points,
+                  **({"val_points_source": run.data.tags["val_points_source"]}
+                     if "val_points_source" in run.data.tags else {})},
             description=f"trial {t.number}: OOF score {total.score:.4f} over folds {all_done}")
         tracker.set_model_alias(model, f"trial_{t.number}", mv.version)
         tracker.set_tags(run_id, {"promoted": f"{model} v{mv.version}"})

@@ -62,6 +62,17 @@ class DataConfig:
     cache_dir: str = ""  # empty: $SPINESWEEP_CACHE or ~/.cache/spinesweep
     cache_budget_gb: float = 0.0  # the volume cache's disk budget; 0: $SPINESWEEP_CACHE_BUDGET or 64 GiB
 
+    def check_val_points(self) -> None:
+        """Raise ConfigError naming ``data.val_points_file`` when ``val_points`` is ``oof`` without
+        a file. Checked on a config about to train (`trainer.fit.fold_datasets`, and a study's
+        every assembled config, `sweep.space.SearchSpace.config`), not when a config is built: configs
+        are assembled in layers (a space's fixed values, the sampled ones, ``--set``), and one layer
+        may say ``oof`` while another names the file."""
+        if self.val_points == "oof" and not self.val_points_file.strip():
+            raise ConfigError("data.val_points_file: required with data.val_points: oof (a CSV of a localiser's "
+                              "out-of-fold points in the train_label_coordinates.csv form; in a study also a "
+                              "runs:/RUN_ID or models:/ URI of a localiser)")
+
     def used_planes(self) -> tuple[str, ...]:
         """The planes to build crops for, in `PLANES` order: `planes` when given, else those the conditions need."""
         if self.planes:
@@ -376,10 +387,6 @@ def _validate(obj, prefix: str) -> None:
             raise ConfigError(f"{prefix}cache_budget_gb: must be >= 0 (0: the default), got {obj.cache_budget_gb}")
         if not 0 <= obj.fold < obj.n_folds:
             raise ConfigError(f"{prefix}fold: must be in [0, n_folds={obj.n_folds}), got {obj.fold}")
-        if obj.val_points == "oof" and not obj.val_points_file.strip():
-            raise ConfigError(f"{prefix}val_points_file: required with {prefix}val_points: oof (a CSV of a "
-                              "localiser's out-of-fold points in the train_label_coordinates.csv form, or in a "
-                              "study a runs:/RUN_ID or models:/ URI of a localiser)")
     elif isinstance(obj, OptimConfig):
         for k in ("lr", "epochs", "batch_size"):
             if getattr(obj, k) <= 0:

@@ -111,8 +111,10 @@ def fold_datasets(cfg: TrainConfig, layout: Layout, cache_root: Path, fingerprin
     and OOF row then measures the classifier on a localiser's points.
 
     Raises:
+        ConfigError: ``oof`` without ``data.val_points_file``.
         ValPointsError: ``oof`` with a points file that cannot be read or lacks validation studies.
     """
+    cfg.data.check_val_points()
     train_ids, val_ids = train_val_split(layout, cfg, cache_root, fingerprint)
     spec = CropSpec.from_config(cfg.data)
     coords = (fold_coordinates(layout, val_ids, cfg.data.val_points_file, cfg.data.fold)
