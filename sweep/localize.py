@@ -111,12 +111,12 @@ def is_points_uri(value: str) -> bool:
 
 
 def _oof_artifacts(tracker: Tracker, run_id: str) -> list[str]:
-    """A localiser run's out-of-fold point files: those of a promotion (under ``promoted/``, at any
-    depth of it: every fold) when there are some, else the trial's own ``oof_coordinates_fold<k>.csv``
-    (the folds it was evaluated on)."""
+    """A localiser run's out-of-fold point files (``oof_coordinates*.csv`` or ``oof_points*.csv``):
+    those of a promotion (under ``promoted/``, at any depth of it: every fold) when there are some,
+    else the trial's own ``oof_coordinates_fold<k>.csv`` (the folds it was evaluated on)."""
     def is_points(path: str) -> bool:
         base = path.rsplit("/", 1)[-1]
-        return base.startswith(OOF_POINTS) and base.endswith(".csv")
+        return base.startswith((OOF_POINTS, "oof_points")) and base.endswith(".csv")
 
     top = tracker.list_artifacts(run_id)
     promoted, folders = [], [a for a in top if a == names.PROMOTED]
@@ -207,3 +207,17 @@ def oof_points_file(uri: str, tracking_uri: str, dst: str | Path) -> Path:
 def _mkdir(path: Path) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def local_val_points(cfg, run, tracking_uri: str):
+    """`cfg` (a logged run's config) ready to train here: a run scored on a localiser's out-of-fold
+    points (``data.val_points: oof``) whose file came from MLflow (its ``val_points_source`` tag)
+    and is not on this machine gets the same URI downloaded again (`oof_points_file`), so
+    `reproduce` and `promote` score on the same localiser's points. Other configs come back as they are."""
+    from trainer.data.cache import default_cache_dir
+
+    source = run.data.tags.get("val_points_source")
+    if cfg.data.val_points != "oof" or not source or Path(cfg.data.val_points_file).is_file():
+        return cfg
+    local = oof_points_file(source, tracking_uri, default_cache_dir(cfg.data.cache_dir) / "val_points")
+    return cfg.with_overrides({"data.val_points_file": str(local)})

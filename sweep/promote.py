@@ -22,6 +22,7 @@ from trainer.errors import UserError
 
 from . import artifacts as names
 from .evaluate import FoldHooks, evaluate_folds
+from .localize import local_val_points
 from .model import save as save_model
 from .progress import ProgressFolds
 from .query import run_config
@@ -118,21 +119,6 @@ class PromotionFolds(FoldHooks):
             self.tracker.fail_run(self.child, f"{type(error).__name__}: {error}")
 
 
-def _local_val_points(cfg: TrainConfig, run, tracking_uri: str) -> TrainConfig:
-    """A trial scored on a localiser's out-of-fold points (``data.val_points: oof``) whose points
-    file came from MLflow (its run's ``val_points_source`` tag) and is not on this machine: the
-    same URI downloaded again, so its missing folds are scored on the same localiser's points."""
-    from trainer.data.cache import default_cache_dir
-
-    from .localize import oof_points_file
-
-    source = run.data.tags.get("val_points_source")
-    if cfg.data.val_points != "oof" or not source or Path(cfg.data.val_points_file).is_file():
-        return cfg
-    local = oof_points_file(source, tracking_uri, default_cache_dir(cfg.data.cache_dir) / "val_points")
-    return cfg.with_overrides({"data.val_points_file": str(local)})
-
-
 def _input_example(cfg: TrainConfig) -> pd.DataFrame:
     """One test study of the trial's data folder (a training study when it has none)."""
     from trainer.data.layout import Layout
@@ -173,7 +159,7 @@ def promote(study_name: str, storage_url: str, tracking_uri: str, trial: int | N
                            f"supported yet; use its points with optuna-run localize --model runs:/{run_id}")
     if data_dir:
         cfg = cfg.with_overrides({"data.data_dir": data_dir})
-    cfg = _local_val_points(cfg, run, tracking_uri)
+    cfg = local_val_points(cfg, run, tracking_uri)
     evaluated = [int(f) for f in run.data.tags.get("spinesweep.folds", str(cfg.data.fold)).split(",")]
     wanted = list(range(cfg.data.n_folds)) if all_folds else evaluated
     missing = [f for f in wanted if f not in evaluated]

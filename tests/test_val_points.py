@@ -235,6 +235,12 @@ def test_a_study_scored_on_a_localisers_oof_points(layout, phantom_dir, stores, 
     assert r.data.tags["val_points"] == "oof" and r.data.tags["val_points_source"] == f"runs:/{run}"
     assert r.data.params["data.val_points"] == "oof" and r.data.params["data.val_points_file"] == SEEN[0]
     assert [row["val_points"] for row in trial_rows(outcome.study, tracker)] == ["oof"]
+    # reproduced where the downloaded file is gone: the run's val_points_source is fetched again
+    from sweep.query import reproduce
+
+    Path(SEEN[0]).unlink()
+    again = reproduce(r.info.run_id, fit_fn=recording_fit, log=lambda line: None)
+    assert Path(SEEN[-1]).is_file() and SEEN[-1] == SEEN[0] and again["score"] == again["logged_score"]
 
     # a localiser evaluated on some studies only: the study refuses before any trial
     _, val_ids = train_val_split(layout, TrainConfig().with_overrides({"data.data_dir": str(phantom_dir)}),
