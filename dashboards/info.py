@@ -115,8 +115,9 @@ def against_legacy(study: optuna.Study, tracker: Tracker, experiment: str = "leg
 
 def trial_rows(study: optuna.Study, tracker: Tracker | None = None) -> list[dict[str, Any]]:
     """One row per trial of the study (imported ones left out): number, state, the value Optuna
-    holds (a pruned trial's too), its MLflow run, and what promotion found (the trial's score over
-    every fold, from `promoted_oof_score` on its run)."""
+    holds (a pruned trial's too), its MLflow run, what promotion found (the trial's score over
+    every fold, from `promoted_oof_score` on its run) and the points it was scored on
+    (``val_points``: ``labelled`` or ``oof``, a localiser's; None without a run or for a localiser)."""
     runs: dict[str, Any] = {}
     if tracker is not None:
         exp = tracker.get_experiment(study.study_name)
@@ -128,9 +129,11 @@ def trial_rows(study: optuna.Study, tracker: Tracker | None = None) -> list[dict
         run_id = t.user_attrs.get("mlflow_run_id")
         run = runs.get(run_id)
         promoted = run.data.metrics.get("promoted_oof_score") if run is not None else None
+        # the points its validation crops were cut around (data.val_points): labelled, or oof (a localiser's)
+        points = (run.data.tags.get("val_points") or run.data.params.get("data.val_points")) if run is not None else None
         rows.append({"trial": t.number, "state": t.state.name, "value": t.value, "run_id": run_id,
                      "experiment_id": run.info.experiment_id if run is not None else None,
-                     "promoted_score": promoted, "error": t.user_attrs.get("error", "")})
+                     "promoted_score": promoted, "val_points": points, "error": t.user_attrs.get("error", "")})
     return rows
 
 

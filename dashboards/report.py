@@ -100,12 +100,16 @@ def trial_table(rows: list[dict[str, Any]], ui_url: str = UI_URL) -> str:
         value = "" if r["value"] is None else f" data-score='{r['value']!r}'"
         body.append(f"<tr data-trial='{r['trial']}' data-state='{r['state']}'{value}><td>{r['trial']}</td>"
                     f"<td>{r['state'].lower()}</td><td>{fmt(r['value'])}</td><td>{fmt(r['promoted_score'])}</td>"
+                    f"<td>{html.escape(str(r.get('val_points') or '-'))}</td>"
                     f"<td>{run}</td><td>{html.escape(r['error'][:80])}</td></tr>")
     return ("<section data-table='trials'><h3>Trials</h3><p class='meta'>score: the value Optuna holds "
             "(a pruned trial's best score when it was stopped), the same as MLflow's <code>score</code>; "
-            "promoted: its score over every fold after <code>optuna-run promote</code>; run ids open the "
+            "promoted: its score over every fold after <code>optuna-run promote</code>; validation points: the "
+            "points its validation crops were cut around (<code>data.val_points</code>: labelled, or oof: a "
+            "localiser's out-of-fold points, as the leaderboard scores); run ids open the "
             f"MLflow UI at {html.escape(ui_url)} (<code>optuna-run ui</code>)</p><table id='trials'><tr><th>trial</th>"
-            "<th>state</th><th>score</th><th>promoted (all folds)</th><th>MLflow run</th><th>error</th></tr>"
+            "<th>state</th><th>score</th><th>promoted (all folds)</th><th>validation points</th><th>MLflow run</th>"
+            "<th>error</th></tr>"
             + "".join(body) + "</table></section>")
 
 

@@ -525,11 +525,17 @@ def ensemble(args: argparse.Namespace) -> int:
 
     def text() -> None:
         groups = list(r.groups)
-        rows = [{"member": m["member"], "weight": w, "score": m["score"], **{g: m.get(g) for g in groups}}
-                for m, w in zip(r.members, r.weights)]
-        rows.append({"member": f"ensemble {r.name!r} ({r.method})", "weight": sum(r.weights), "score": r.score,
-                     **r.groups})
+        # points: where each member's validation crops were cut (labelled points, or a localiser's
+        # out-of-fold points as on the leaderboard: data.val_points), so its score's kind
+        rows = [{"member": m["member"], "points": m.get("points", "labelled"), "weight": w, "score": m["score"],
+                 **{g: m.get(g) for g in groups}} for m, w in zip(r.members, r.weights)]
+        kinds = sorted({row["points"] for row in rows})
+        rows.append({"member": f"ensemble {r.name!r} ({r.method})", "points": ",".join(kinds),
+                     "weight": sum(r.weights), "score": r.score, **r.groups})
         print_table(rows)
+        if len(kinds) > 1:
+            print("note: the members were scored on different validation points (points column: labelled points vs "
+                  "a localiser's out-of-fold points): their scores, and weights fitted on them, compare unlike things")
         if r.held_out:
             print("held-out (cross-fit over studies: weights fitted on the other studies): "
                   + ", ".join(f"{k} {v:.4f}" for k, v in r.held_out.items()) + f" -> {r.method}")

@@ -36,7 +36,9 @@ class Member:
     version; ``trial``: its ``trial`` tag (``?`` when absent); ``run_id``/``source``: the version's run
     and source URI; ``oof``: its out-of-fold predictions in Kaggle form (``row_id, normal_mild, moderate,
     severe``); ``solution``: the solution frame of the rows it was scored on (`trainer.metric`).
-    ``oof`` and ``solution`` are None when read with ``with_frames=False``."""
+    ``oof`` and ``solution`` are None when read with ``with_frames=False``. ``val_points``: the points its
+    validation crops, so its OOF rows and score, were cut around (``labelled``, or ``oof``: a localiser's
+    out-of-fold points, as on the leaderboard)."""
 
     model: str
     version: str
@@ -45,6 +47,7 @@ class Member:
     source: str
     oof: pd.DataFrame
     solution: pd.DataFrame
+    val_points: str = "labelled"  # the points its OOF rows were cropped around: labelled, or oof (a localiser's)
 
     @property
     def label(self) -> str:
@@ -75,10 +78,22 @@ def members(tracking_uri: str, name: str = "default", with_frames: bool = True) 
                 oof = pd.read_csv(tracker.download(v.run_id, f"{names.PROMOTED}/{names.OOF}", tmp))
                 sol = pd.read_csv(tracker.download(v.run_id, f"{names.PROMOTED}/{names.SOLUTION}", tmp))
             shutil.rmtree(tmp, ignore_errors=True)
-        out.append(Member(v.name, v.version, v.tags.get("trial", "?"), v.run_id, v.source, oof, sol))
+        out.append(Member(v.name, v.version, v.tags.get("trial", "?"), v.run_id, v.source, oof, sol,
+                          _val_points(tracker, v)))
     if not out:
         raise PromoteError(f"ensemble {name!r} has no members: promote a trial first (optuna-run promote SPACE)")
     return out
+
+
+def _val_points(tracker: Tracker, version) -> str:
+    """The points a member was scored on: its version's ``val_points`` tag, else (promoted before
+    the tag existed) its run's ``data.val_points`` param, else ``labelled`` (the only kind then)."""
+    if version.tags.get("val_points"):
+        return version.tags["val_points"]
+    try:
+        return tracker.get_run(version.run_id).data.params.get("data.val_points", "labelled")
+    except Exception:
+        return "labelled"
 
 
 def combine(frames: list[pd.DataFrame], weights: np.ndarray) -> pd.DataFrame:
@@ -214,7 +229,8 @@ def ensemble(tracking_uri: str, name: str = "default", method: str = "optimize")
     member_rows = []
     for m in ms:
         r = score_groups(m.solution.sort_values("row_id", ignore_index=True), m.oof)
-        member_rows.append({"member": m.label, "run_id": m.run_id, "score": r.score, **r.groups})
+        member_rows.append({"member": m.label, "run_id": m.run_id, "points": m.val_points, "score": r.score,
+                            **r.groups})
     weights, chosen, held_out = choose_weights(sol, frames, method)
     pred = combine(frames, weights)
     total = _scored(sol, pred)
@@ -228,9 +244,10 @@ def _log_ensemble(tracking_uri: str, result: EnsembleResult, ms: list[Member], p
     tracker = Tracker(tracking_uri)
     exp = tracker.ensure_experiment(ENSEMBLE_EXPERIMENT)
     run_id = tracker.start_run(exp, f"{result.name}-{time.strftime('%Y%m%d-%H%M%S')}", tags={
-        "ensemble": result.name, "method": result.method})
+        "ensemble": result.name, "method": result.method,
+        "val_points": ",".join(sorted({m.val_points for m in ms}))})
     members_json = [{"model": m.model, "version": m.version, "trial": m.trial, "run_id": m.run_id,
-                     "weight": w} for m, w in zip(ms, result.weights)]
+                     "val_points": m.val_points, "weight": w} for m, w in zip(ms, result.weights)]
     tracker.log_batch(run_id, params={"members": json.dumps([f"{m.model}/{m.version}" for m in ms]),
                                       "weights": json.dumps([round(w, 6) for w in result.weights]),
                                       "method": result.method, "n_members": len(ms)},

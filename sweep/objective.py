@@ -152,7 +152,10 @@ def run_trial(trial: optuna.Trial, space: SearchSpace, ctx: TrialContext, tracke
     artifacts = Path(tempfile.mkdtemp(prefix=f"spinesweep-t{trial.number}-artifacts-"))
     try:
         cfg = space.config(ctx.settings, sampled)
-        tracker.log_batch(run_id, params=cfg.to_flat(), tags={f"optuna.{k}": v for k, v in trial.params.items()})
+        # val_points: which points the validation crops (so every score of the run) were cut around:
+        # labelled, or a localiser's out-of-fold points (data.val_points_file; its URI in val_points_source)
+        tracker.log_batch(run_id, params=cfg.to_flat(), tags={**{f"optuna.{k}": v for k, v in trial.params.items()},
+                                                              **_points_tag(cfg)})
         (artifacts / names.CONFIG).write_text(cfg.to_yaml())
         progress = TrialProgress(f"[{worker.get('name', '0')}] trial {trial.number}",
                                  len(space.folds) * cfg.optim.epochs, position=int(worker.get("index", 0)),
@@ -198,6 +201,11 @@ def run_trial(trial: optuna.Trial, space: SearchSpace, ctx: TrialContext, tracke
         if progress is not None:
             progress.close()
         shutil.rmtree(artifacts, ignore_errors=True)
+
+
+def _points_tag(cfg) -> dict:
+    """A classifier run's ``val_points`` tag (``labelled`` or ``oof``); none for a localiser."""
+    return {"val_points": cfg.data.val_points} if cfg.task == "classify" else {}
 
 
 def _pruned(trial, tracker: Tracker, run_id: str, hooks: TrialFolds, artifacts: Path):

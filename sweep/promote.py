@@ -22,6 +22,7 @@ from trainer.errors import UserError
 
 from . import artifacts as names
 from .evaluate import FoldHooks, evaluate_folds
+from .localize import local_val_points
 from .model import save as save_model
 from .progress import ProgressFolds
 from .query import run_config
@@ -158,6 +159,7 @@ def promote(study_name: str, storage_url: str, tracking_uri: str, trial: int | N
                            f"supported yet; use its points with optuna-run localize --model runs:/{run_id}")
     if data_dir:
         cfg = cfg.with_overrides({"data.data_dir": data_dir})
+    cfg = local_val_points(cfg, run, tracking_uri)
     evaluated = [int(f) for f in run.data.tags.get("spinesweep.folds", str(cfg.data.fold)).split(",")]
     wanted = list(range(cfg.data.n_folds)) if all_folds else evaluated
     missing = [f for f in wanted if f not in evaluated]
@@ -201,7 +203,9 @@ def promote(study_name: str, storage_url: str, tracking_uri: str, trial: int | N
             model, source=f"{run.info.artifact_uri}/{names.PROMOTED}/model", run_id=run_id,
             tags={"ensemble": ensemble, "trial": str(t.number), "trial_run_id": run_id, "study": study_name,
                   "space": space, "folds": json.dumps(all_done), "oof_score": f"{total.score:.6f}",
-                  "conditions": json.dumps(list(cfg.data.conditions))},
+                  "conditions": json.dumps(list(cfg.data.conditions)), "val_points": cfg.data.val_points,
+                  **({"val_points_source": run.data.tags["val_points_source"]}
+                     if "val_points_source" in run.data.tags else {})},
             description=f"trial {t.number}: OOF score {total.score:.4f} over folds {all_done}")
         tracker.set_model_alias(model, f"trial_{t.number}", mv.version)
         tracker.set_tags(run_id, {"promoted": f"{model} v{mv.version}"})

@@ -99,8 +99,11 @@ def reproduce(run_id: str, tracking_uri: str | None = None, data_dir: str | None
     cfg = run_config(tracker, run)
     if data_dir:
         cfg = cfg.with_overrides({"data.data_dir": data_dir})
-    folds = [int(f) for f in run.data.tags.get("spinesweep.folds", str(cfg.data.fold)).split(",")]
+    from .localize import local_val_points
     from .progress import ProgressFolds
+
+    cfg = local_val_points(cfg, run, tracker.uri)  # a points file from MLflow, fetched again if not here
+    folds = [int(f) for f in run.data.tags.get("spinesweep.folds", str(cfg.data.fold)).split(",")]
 
     hooks = ProgressFolds(f"reproduce {run_id[:12]}", cfg.optim.epochs, len(folds), log=log)
     try:

@@ -172,6 +172,7 @@ class SearchSpace:
         if settings.data_dir:
             cfg = cfg.with_overrides({"data.data_dir": settings.data_dir})
         check_buildable(cfg)
+        cfg.data.check_val_points()  # on the assembled config: `fixed` may say oof and --set name the file
         return cfg
 
     def suggest(self, trial: optuna.Trial, base: TrainConfig, never=()) -> dict[str, Any]:

@@ -95,11 +95,52 @@ def run_study(space: str | SearchSpace, n_trials: int | None = None, *, data: st
     tags = {"git_commit": git_commit(), "data_fingerprint": data_fingerprint(layout),
             "space_file": space.path.name, "space_file_hash": space.file_hash,
             **{f"version.{k}": v for k, v in package_versions().items()}}
+    settings, points_tags = resolve_val_points(space, settings, layout, resolve_tracking_uri(tracking_uri), log)
+    tags.update(points_tags)
     log(f"study {study_name}: space {space.name} ({space.path}), {n_trials} trials, "
         f"{len(plan)} worker(s) [{', '.join(w.name for w in plan)}], data {data_dir}")
     return launch(space, n_trials, study_name=study_name, storage_url=resolve_storage(storage),
                   tracking_uri=resolve_tracking_uri(tracking_uri), settings=settings, resume=resume, workers=plan,
                   timeout=timeout or space.timeout, tags=tags, heartbeat=heartbeat, fit_fn=fit_fn)
+
+
+def resolve_val_points(space: SearchSpace, settings: Settings, layout, tracking_uri: str,
+                       log: Callable[[str], None] = print) -> tuple[Settings, dict]:
+    """``data.val_points: oof`` made ready before the first trial, once per invocation: a
+    ``runs:/`` or ``models:/`` value of ``data.val_points_file`` (a localiser trial or a registered
+    localiser) is downloaded here (`localize.oof_points_file`, into the cache folder's
+    ``val_points/``) and pinned as that local file, so workers read a file and never MLflow; then
+    the file is checked to hold every validation study of the space's folds. Returns the settings
+    (with the local file pinned) and the tags every trial's run gets (``val_points_source``: the URI).
+
+    Raises:
+        UserError: the URI cannot be resolved, or the file is unreadable or lacks validation
+            studies (`trainer.data.samples.ValPointsError`, naming them)."""
+    from trainer.data.cache import data_fingerprint, default_cache_dir
+    from trainer.data.samples import fold_coordinates
+    from trainer.training import train_val_split
+
+    from .localize import is_points_uri, oof_points_file
+
+    base = space.config(settings)
+    value = base.data.val_points_file
+    tags: dict = {}
+    if value and is_points_uri(value):
+        local = oof_points_file(value, tracking_uri, default_cache_dir(base.data.cache_dir) / "val_points")
+        log(f"data.val_points_file: {value} -> {local}")
+        settings = dataclasses.replace(settings, pinned={**settings.pinned, "data.val_points_file": str(local)})
+        tags["val_points_source"] = value
+        base = space.config(settings)
+    may_be_oof = base.data.val_points == "oof" or any(
+        p.key == "data.val_points" and "oof" in p.choices for p in space.params
+        if p.key not in settings.never_sampled(space))
+    if may_be_oof and base.data.val_points_file:
+        cache, fingerprint = default_cache_dir(base.data.cache_dir), data_fingerprint(layout)
+        for fold in space.folds:
+            cfg = base.with_overrides({"data.fold": fold})
+            _, val_ids = train_val_split(layout, cfg, cache, fingerprint)
+            fold_coordinates(layout, val_ids, cfg.data.val_points_file, fold)
+    return settings, tags
 
 
 def _check_weights(space: SearchSpace, settings: Settings, log: Callable[[str], None]) -> None:

@@ -51,8 +51,27 @@ class DataConfig:
     n_folds: int = 4
     folds_seed: int = 42
     max_studies: int = 0  # 0: all; a cap for smoke runs
+    # the points the validation fold's crops are cut around: `labelled` (train_label_coordinates.csv)
+    # or `oof`, a localiser's out-of-fold points read from `val_points_file` (a CSV in the
+    # train_label_coordinates.csv form: `optuna-run localize`'s output, a localiser trial's
+    # oof_coordinates_fold<k>.csv), so the fold is scored as the leaderboard scores it. Training
+    # crops always stay on the labelled points. The trainer reads a local file only; a study
+    # resolves ``runs:/`` and ``models:/`` URIs before its trials (`sweep.localize.oof_points_file`).
+    val_points: Literal["labelled", "oof"] = "labelled"
+    val_points_file: str = ""
     cache_dir: str = ""  # empty: $SPINESWEEP_CACHE or ~/.cache/spinesweep
     cache_budget_gb: float = 0.0  # the volume cache's disk budget; 0: $SPINESWEEP_CACHE_BUDGET or 64 GiB
+
+    def check_val_points(self) -> None:
+        """Raise ConfigError naming ``data.val_points_file`` when ``val_points`` is ``oof`` without
+        a file. Checked on a config about to train (`trainer.fit.fold_datasets`, and a study's
+        every assembled config, `sweep.space.SearchSpace.config`), not when a config is built: configs
+        are assembled in layers (a space's fixed values, the sampled ones, ``--set``), and one layer
+        may say ``oof`` while another names the file."""
+        if self.val_points == "oof" and not self.val_points_file.strip():
+            raise ConfigError("data.val_points_file: required with data.val_points: oof (a CSV of a localiser's "
+                              "out-of-fold points in the train_label_coordinates.csv form; in a study also a "
+                              "runs:/RUN_ID or models:/ URI of a localiser)")
 
     def used_planes(self) -> tuple[str, ...]:
         """The planes to build crops for, in `PLANES` order: `planes` when given, else those the conditions need."""

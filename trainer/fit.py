@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -24,7 +25,7 @@ from .config import TrainConfig
 from .data.cache import data_fingerprint, default_cache_dir
 from .data.crops import CropSpec, lacking_conditions
 from .data.dataset import SpineDataset
-from .data.samples import SampleSource
+from .data.samples import SampleSource, fold_coordinates
 from .data.volumes import VolumeStore, cache_budget
 from .data.layout import TARGET_COLUMNS, Layout, parse_row_ids
 from .metric import build_solution, class_prior, predictions_frame, score_groups
@@ -88,8 +89,55 @@ def confusion_matrices(solution: pd.DataFrame, oof: pd.DataFrame, conditions) ->
             for cond in conditions}
 
 
+@dataclass
+class FoldData:
+    """A fold's studies, crop spec, sample source and datasets (what `fold_datasets` builds)."""
+
+    train_ids: list[int]
+    val_ids: list[int]
+    spec: CropSpec
+    source: SampleSource
+    augment: object  # the training augmentation pipeline
+    train_ds: SpineDataset
+    val_ds: SpineDataset
+
+
+def fold_datasets(cfg: TrainConfig, layout: Layout, cache_root: Path, fingerprint: str) -> FoldData:
+    """The training and validation datasets of fold `cfg.data.fold`, their series decoded and
+    crops planned. Training crops are cut around the labelled points (with the configured jitter
+    and augmentation); validation crops around the labelled points too, or with
+    ``data.val_points: oof`` around the out-of-fold points of ``data.val_points_file``
+    (`data.samples.fold_coordinates`), as a test study's are: every validation score, val_loss
+    and OOF row then measures the classifier on a localiser's points.
+
+    Raises:
+        ConfigError: ``oof`` without ``data.val_points_file``.
+        ValPointsError: ``oof`` with a points file that cannot be read or lacks validation studies.
+    """
+    cfg.data.check_val_points()
+    train_ids, val_ids = train_val_split(layout, cfg, cache_root, fingerprint)
+    spec = CropSpec.from_config(cfg.data)
+    coords = (fold_coordinates(layout, val_ids, cfg.data.val_points_file, cfg.data.fold)
+              if cfg.data.val_points == "oof" else None)
+    source = SampleSource(layout, spec, VolumeStore(cache_root, cache_budget(cfg.data.cache_budget_gb)),
+                          coordinates=coords)
+    # cold series are decoded by as many processes as this trial has cores (its torch threads:
+    # a study's worker gets its share); cached ones only get their crops planned
+    source.prepare(train_ids + val_ids, jobs=torch.get_num_threads())
+    augment = build_augment(cfg.augment, seed=cfg.seed)
+    train_ds = SpineDataset(source, train_ids, cfg.data.conditions, cfg.data.normalize, transform=augment,
+                            crop_shift=cfg.augment.crop_shift, crop_scale=cfg.augment.crop_scale)
+    val_ds = SpineDataset(source, val_ids, cfg.data.conditions, cfg.data.normalize)
+    return FoldData(train_ids, val_ids, spec, source, augment, train_ds, val_ds)
+
+
 def fit(cfg: TrainConfig, callbacks: Iterable[Callback] = (), progress: Callable | None = None) -> FitResult:
     """Train on every fold but `cfg.data.fold`, validate on it each epoch; see the module doc.
+
+    Training crops are cut around the labelled points; validation crops too, unless
+    ``data.val_points`` is ``oof``: then around the points of ``data.val_points_file``, a
+    localiser's out-of-fold points (`data.samples.fold_coordinates`, which raises
+    `ValPointsError` before any training when the file lacks a validation study).
 
     `progress(stage, done, total)` is an optional hook for progress bars. `cfg.task` picks the
     model family: ``classify`` (this loop) or ``localize`` (`points.fit.fit_localizer`)."""
@@ -108,18 +156,10 @@ def fit(cfg: TrainConfig, callbacks: Iterable[Callback] = (), progress: Callable
     layout = Layout(Path(cfg.data.data_dir))
     cache_root = default_cache_dir(cfg.data.cache_dir)
     fingerprint = data_fingerprint(layout)
-    train_ids, val_ids = train_val_split(layout, cfg, cache_root, fingerprint)
-    spec = CropSpec.from_config(cfg.data)
-    source = SampleSource(layout, spec, VolumeStore(cache_root, cache_budget(cfg.data.cache_budget_gb)))
-    # cold series are decoded by as many processes as this trial has cores (its torch threads:
-    # a study's worker gets its share); cached ones only get their crops planned
-    source.prepare(train_ids + val_ids, jobs=torch.get_num_threads())
-
+    data = fold_datasets(cfg, layout, cache_root, fingerprint)
+    train_ids, val_ids, spec, augment = data.train_ids, data.val_ids, data.spec, data.augment
+    train_ds, val_ds = data.train_ds, data.val_ds
     conditions = cfg.data.conditions
-    augment = build_augment(cfg.augment, seed=cfg.seed)
-    train_ds = SpineDataset(source, train_ids, conditions, cfg.data.normalize, transform=augment,
-                            crop_shift=cfg.augment.crop_shift, crop_scale=cfg.augment.crop_scale)
-    val_ds = SpineDataset(source, val_ids, conditions, cfg.data.normalize)
     g = torch.Generator().manual_seed(cfg.seed)
     workers = loader_workers(cfg.num_workers, device)
     loader_kw = dict(num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=workers > 0)

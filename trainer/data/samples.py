@@ -18,7 +18,7 @@ import pandas as pd
 
 from .crops import CropSpec, StudyCrops, StudyPlan, cut_level, plan_study
 from .dicom import Volume
-from .layout import LEVELS, PLANE_OF_CONDITION, PLANE_OF_SERIES, Layout
+from .layout import LEVELS, PLANE_OF_CONDITION, PLANE_OF_SERIES, Layout, LayoutError, read_coordinates
 from .volumes import SeriesRef, VolumeStore
 
 _OPEN_MAX = 256  # memory-mapped series kept open per process
@@ -40,11 +40,69 @@ class BuildReport:
     jobs: int = 1
 
 
-class SampleSource:
-    """Samples of one `CropSpec` over one data folder, from the volumes in `store`."""
+class ValPointsError(LayoutError):
+    """`data.val_points: oof` cannot be honoured: the points file is not a local CSV of the
+    train_label_coordinates.csv form, or it lacks validation studies; the message names the file
+    and the studies."""
 
-    def __init__(self, layout: Layout, spec: CropSpec, store: VolumeStore, split: str = "train"):
+
+def fold_coordinates(layout: Layout, val_ids, val_points_file: str | Path, fold: int | None = None) -> pd.DataFrame:
+    """The points a fold's crops are cut around with ``data.val_points: oof``: the labelled points
+    (`Layout.coordinates`) of every study but the validation ones, and the rows of
+    `val_points_file` (a train_label_coordinates.csv-form CSV of a localiser's out-of-fold points)
+    for the validation studies `val_ids`; the file's rows of other studies are not used.
+
+    An out-of-fold points file has, whatever the localiser's folds were, this property: each
+    study's points come from a localiser that never trained on that study (its fold's model). So
+    validation crops cut here are cut as on a test study, and the fold is scored as the leaderboard
+    scores it, while the classifier still trains on the labelled points. (A file of points from a
+    localiser that trained on the validation studies, e.g. `optuna-run localize --split train`
+    with a model trained on every fold, would give optimistic scores: this function cannot tell.)
+
+    A validation study with no row in the file is an error, not a silent fallback: falling back to
+    the labelled points would put back the very optimism `oof` removes, and falling back to the
+    mean-position guess would mix two measurements in one score. A study whose file rows lack some
+    (condition, level) is scored as a test study would be: that crop cannot be built and the
+    condition gets the training fold's grade frequencies (the crop builder's flags say why).
+
+    Raises:
+        ValPointsError: the file is an MLflow URI (resolve it first), is missing, is not a CSV of
+            that form (the message names the file and column), or lacks validation studies (named).
+    """
+    path = str(val_points_file)
+    if "://" in path or path.startswith(("runs:/", "models:/")):
+        raise ValPointsError(f"data.val_points_file: {path!r} is a URI; the trainer reads a local CSV only: a study "
+                             "downloads a localiser's runs:/ or models:/ points before its trials "
+                             "(sweep.localize.oof_points_file); elsewhere pass the file")
+    try:
+        points = read_coordinates(Path(path))
+    except LayoutError as e:
+        raise ValPointsError(f"data.val_points_file: {e}") from None
+    val = sorted({int(s) for s in val_ids})
+    have = set(points["study_id"].astype(int))
+    missing = [s for s in val if s not in have]
+    if missing:
+        shown = ", ".join(map(str, missing[:10])) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
+        where = f"fold {fold}'s" if fold is not None else "the"
+        raise ValPointsError(
+            f"data.val_points_file: {path}: no points for {len(missing)} of {where} {len(val)} validation studies "
+            f"({shown}); an out-of-fold points file must cover every validation study (a localiser trial "
+            "evaluated on some folds covers those folds' studies only: promote it on every fold, or use "
+            "data.val_points: labelled)")
+    labelled = layout.coordinates
+    return pd.concat([labelled[~labelled["study_id"].isin(val)], points[points["study_id"].isin(val)]],
+                     ignore_index=True)
+
+
+class SampleSource:
+    """Samples of one `CropSpec` over one data folder, from the volumes in `store`. `coordinates`
+    replaces the layout's labelled points (the same columns): `fold_coordinates` gives a fold's
+    validation studies a localiser's out-of-fold points."""
+
+    def __init__(self, layout: Layout, spec: CropSpec, store: VolumeStore, split: str = "train",
+                 coordinates: pd.DataFrame | None = None):
         self.layout, self.spec, self.store, self.split = layout, spec, store, split
+        self.coordinates = coordinates
         self.plans: dict[int, StudyPlan] = {}
         self._coords = None
         self._open: dict[tuple[int, int], Volume] = {}
@@ -54,10 +112,11 @@ class SampleSource:
 
     # ---------------------------------------------------------------- what a study needs
     def study_coords(self, study_id: int) -> pd.DataFrame:
-        """The study's rows of train_label_coordinates (`Layout.coordinates`'s columns); an empty frame
-        on the test split or for a study without points."""
+        """The study's rows of train_label_coordinates (`Layout.coordinates`'s columns, or those of
+        `coordinates` when given); an empty frame on the test split or for a study without points."""
         if self._coords is None:
-            coords = self.layout.coordinates if self.split == "train" else self.layout.coordinates.iloc[:0]
+            coords = self.layout.coordinates if self.coordinates is None else self.coordinates
+            coords = coords if self.split == "train" else coords.iloc[:0]
             self._coords = {k: g for k, g in coords.groupby("study_id")}
         return self._coords.get(study_id, self.layout.coordinates.iloc[:0])
 
