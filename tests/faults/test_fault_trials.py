@@ -40,9 +40,11 @@ def failed_runs(study_name):
 
 
 @pytest.mark.parametrize("overrides,reason", [
-    (["optim.lr=1e30", "optim.grad_clip=0"], "FloatingPointError"),  # the real loss goes inf/NaN
+    # the fast loop keeps one kind (the quickest to fail); the others are the same path, slow
+    pytest.param(["optim.lr=1e30", "optim.grad_clip=0"], "FloatingPointError",  # the real loss goes inf/NaN
+                 marks=pytest.mark.slow),
     (["model.head=boom"], "boom: the head could not handle its input"),
-    (["model.head=oom"], "OutOfMemoryError: CUDA out of memory"),
+    pytest.param(["model.head=oom"], "OutOfMemoryError: CUDA out of memory", marks=pytest.mark.slow),
 ])
 def test_a_failing_trial_is_recorded_and_the_study_goes_on(overrides, reason, faulty_heads, phantom_dir, stores):
     sets = [a for o in overrides for a in ("--set", o)]
