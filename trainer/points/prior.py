@@ -116,7 +116,7 @@ class PointTable:
     @classmethod
     def from_csv(cls, path: str | Path) -> "PointTable":
         """Raises LayoutError (naming the file, column and row) for a file not in that form."""
-        from .data.layout import read_coordinates
+        from ..data.layout import read_coordinates
 
         return cls(read_coordinates(Path(path)))
 
