@@ -66,7 +66,13 @@ def run_checkpoints(tracking_uri: str, run_id: str, dst: Path) -> list[Path]:
 
 
 def champion_registered(tracking_uri: str) -> bool:
-    """Whether the registry holds a promoted localiser (`CHAMPION_URI`)."""
+    """Whether the registry holds a promoted localiser (`CHAMPION_URI`). A SQLite store that does not
+    exist holds none (and is not created: a pyfunc loaded from a folder asks MLflow's default store)."""
+    from .stores import sqlite_path
+
+    db = sqlite_path(tracking_uri)
+    if db is not None and not db.exists():
+        return False
     return Tracker(tracking_uri).model_version(LOCALIZER_MODEL, CHAMPION) is not None
 
 

@@ -237,7 +237,7 @@ def test_a_promoted_localiser_places_the_points_of_predict_and_of_the_classifier
     rows = localiser.predict(inputs)
     assert list(rows.columns) == ["study_id", "series_id", "instance_number", "condition", "level", "x", "y"]
     rows.to_csv("champion_points.csv", index=False)
-    back = read_coordinates("champion_points.csv")
+    back = read_coordinates(Path("champion_points.csv"))
     assert len(back) == len(rows) > 0 and set(back["study_id"]) == set(test_ids)
     train_rows = localiser.predict(pd.DataFrame({"data_dir": [data], "study_id": [int(points["study_id"].iloc[0])]}),
                                    params={"split": "train"})
