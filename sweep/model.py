@@ -76,14 +76,14 @@ class PromotedModel(mlflow.pyfunc.PythonModel):
         params = params or {}
         _check_input(model_input)
         split, device = params.get("split") or "test", params.get("device") or "cpu"
-        frames = []
-        points = None
+        frames, groups = [], list(model_input.groupby("data_dir", sort=False))
         if params.get("points"):  # a localiser's points (optuna-run localize)
             from trainer.infer import PointTable
 
-            points = PointTable.from_csv(params["points"])
-        for data_dir, group in model_input.groupby("data_dir", sort=False):
-            source = points if points is not None else self._point_source(params.get("localizer") or "", data_dir, device)
+            source = PointTable.from_csv(params["points"])
+        elif groups:  # one source for every folder (a localiser places any study; the guess is fitted per folder)
+            source = self._point_source(params.get("localizer") or "", groups[0][0], device)
+        for data_dir, group in groups:
             frames.append(predict_studies(self.checkpoints, data_dir, [int(s) for s in group["study_id"]],
                                           split=split, device=device, prior=source))
         if not frames:
