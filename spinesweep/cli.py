@@ -490,7 +490,8 @@ def _promote_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", metavar="DIR", help="data folder, if it moved since the study")
 
 
-@command("promote", "a trial to the model registry, trained on every fold (an ensemble member)",
+@command("promote", "a trial to the model registry, trained on every fold (an ensemble member; a localiser: "
+         "spinesweep-localizer@champion)",
          parents=("storage", "tracking", "study_name"), arguments=_promote_arguments)
 def promote(args: argparse.Namespace) -> int:
     from sweep.promote import promote as promote_trial
@@ -503,7 +504,16 @@ def promote(args: argparse.Namespace) -> int:
             print(f"trial {r.trial} (run {r.run_id}) is already promoted: {r.model} version {r.version}; nothing done")
             return
         trained = f", trained fold(s) {r.trained_folds} as child runs" if r.trained_folds else ""
-        print(f"promoted trial {r.trial} -> {r.model} version {r.version} (alias trial_{r.trial}, ensemble "
+        aliases = ", ".join(r.aliases)
+        if r.task == "localize":
+            print(f"promoted localiser trial {r.trial} -> {r.model} version {r.version} (aliases {aliases}){trained}"
+                  f"\n  OOF point error over folds {r.folds}: {r.oof_score:.2f} mm "
+                  + " ".join(f"{k} {v:.3g}" for k, v in r.groups.items())
+                  + f"\n  its out-of-fold points: models:/{r.model}/{r.version} artifact oof_coordinates.csv")
+            print("next: optuna-run predict --out submission.csv    # crops cut around its points "
+                  "(models:/spinesweep-localizer@champion)")
+            return
+        print(f"promoted trial {r.trial} -> {r.model} version {r.version} (alias {aliases}, ensemble "
               f"{args.ensemble!r}){trained}\n  OOF score over folds {r.folds}: {r.oof_score:.4f} "
               + " ".join(f"{k} {v:.4f}" for k, v in r.groups.items()))
         print("next: optuna-run ensemble    # combine the promoted members")
@@ -548,9 +558,10 @@ def _predict_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="submission.csv", help="the submission file (default: submission.csv)")
     p.add_argument("--device", default="cpu", help="torch device for inference (default: cpu)")
     p.add_argument("--localizer", metavar="URI",
-                   help="where the crops are cut: a localiser checkpoint file or folder, runs:/RUN_ID, study:NAME, "
-                        "best, or prior (the mean-position guess); default: the best trial of the study 'localizer' "
-                        "when there is one, else the guess (with a warning)")
+                   help="where the crops are cut: models:/spinesweep-localizer@champion (any models:/ URI of a "
+                        "promoted localiser), a localiser checkpoint file or folder, runs:/RUN_ID, study:NAME, best, "
+                        "or prior (the mean-position guess); default: the promoted localiser when registered, else "
+                        "the best trial of the study 'localizer', else the guess (with a warning)")
 
 
 @command("predict", "the ensemble on the test studies: a Kaggle submission", parents=("tracking", "data"),
@@ -572,8 +583,10 @@ def predict(args: argparse.Namespace) -> int:
 
 def _localize_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", choices=["test", "train"], default="test", help="which studies (default: test)")
-    p.add_argument("--model", metavar="URI", help="the localiser: a checkpoint file or folder, runs:/RUN_ID, "
-                   "study:NAME, best (default: the best trial of the study 'localizer'), or prior (the mean-position guess)")
+    p.add_argument("--model", metavar="URI", help="the localiser: models:/spinesweep-localizer@champion (any "
+                   "models:/ URI of a promoted localiser), a checkpoint file or folder, runs:/RUN_ID, study:NAME, best "
+                   "(the best trial of the study 'localizer'), or prior (the mean-position guess); default: the "
+                   "promoted localiser when registered, else best")
     p.add_argument("--out", required=True, metavar="FILE.csv", help="the points file to write")
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
 

@@ -4,8 +4,10 @@ so a reader never guesses a writer's string.
 
 A trial's run: ``config.yaml``, ``oof.csv`` and ``solution.csv`` (Kaggle form, every fold it
 evaluated), ``augment_pipeline.json``, and per fold ``checkpoint.pt``, ``history.csv`` and
-``confusion.json`` (``checkpoint_fold{k}.pt``... when the trial evaluated several folds). A
-promotion puts every fold's checkpoint as ``checkpoint_fold{k}.pt`` under ``promoted/``.
+``confusion.json`` (``checkpoint_fold{k}.pt``... when the trial evaluated several folds); a
+localiser's also ``oof_coordinates_fold{k}.csv`` (its points in the ``train_label_coordinates.csv``
+form). A promotion puts every fold's checkpoint as ``checkpoint_fold{k}.pt`` under ``promoted/``,
+with the joined OOF (a localiser's points also as ``oof_coordinates.csv``) and the registered model.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import re
 CONFIG = "config.yaml"
 OOF = "oof.csv"
 SOLUTION = "solution.csv"
+OOF_POINTS = "oof_coordinates.csv"  # a localiser's out-of-fold points, train_label_coordinates.csv form
 AUGMENT = "augment_pipeline.json"
 PROMOTED = "promoted"
 _PER_FOLD = re.compile(r"^(?P<kind>checkpoint|history|confusion)(?:_fold(?P<fold>\d+))?\.(?:pt|csv|json)$")

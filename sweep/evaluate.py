@@ -41,6 +41,7 @@ class FoldScores:
     stopped: bool = False  # a hook stopped the loop (a pruned trial)
     extra_oof: list[pd.DataFrame] = field(default_factory=list)  # OOF of folds trained earlier
     extra_solution: list[pd.DataFrame] = field(default_factory=list)
+    config: TrainConfig | None = None  # what was fitted: its task says how the OOF rows are scored
 
     @property
     def oof(self) -> pd.DataFrame:
@@ -55,11 +56,12 @@ class FoldScores:
     def score(self) -> ScoreResult:
         """The task's score (the host metric for a classifier, the point error for a localiser)
         on the joined OOF predictions of every fold (not a mean of fold scores)."""
-        if not self.results:
-            return score_groups(self.solution, self.oof)  # folds trained earlier only: classifier OOF
+        cfg = self.results[0].config if self.results else self.config
+        if cfg is None:
+            return score_groups(self.solution, self.oof)  # folds trained earlier only, task unknown: a classifier's
         from trainer.fit import score_oof
 
-        return score_oof(self.results[0].config, self.solution, self.oof)
+        return score_oof(cfg, self.solution, self.oof)
 
     @property
     def prior_score(self) -> float:
@@ -77,7 +79,7 @@ def evaluate_folds(cfg: TrainConfig, folds, hooks: FoldHooks | None = None,
     if fit_fn is None:
         from trainer.fit import fit as fit_fn
     hooks = hooks or FoldHooks()
-    out = FoldScores()
+    out = FoldScores(config=cfg)
     for i, fold in enumerate(folds):
         work = tempfile.mkdtemp(prefix=f"{prefix}fold{fold}-")
         try:

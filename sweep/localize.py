@@ -1,15 +1,21 @@
 """Points for studies that have none: a trained localiser (or the mean-position guess) found by
 name, written in the ``train_label_coordinates.csv`` form (`optuna-run localize`), and the point
-source `predict` crops around (`--localizer`).
+source `predict` and the registered classifier crop around (`--localizer`, the pyfunc's `localizer`).
 
 A localiser is named by
 - ``prior``: the mean-position guess (`trainer.infer.LevelPrior`; sagittal points only, the axial
   crops then fall back to the canal point carried to the nearest axial slice);
+- ``models:/spinesweep-localizer@champion`` (any ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``
+  of a localiser version): a promoted localiser (`optuna-run promote localizer`), its fold
+  checkpoints from the Model Registry; ``champion`` is the newest one promoted;
 - a checkpoint file or a folder of them (a localiser trial's ``checkpoint*.pt``, one per fold;
   several are averaged);
 - ``runs:/RUN_ID``: the checkpoints a localiser trial logged to MLflow;
 - ``best`` (``study:NAME`` for another study than ``localizer``): the best complete trial of a
   localiser study in MLflow.
+
+No name (None) means the promoted localiser when the registry has one, else ``best``; `predict`
+then falls back to the guess with one warning (`GUESS_COST`).
 
 A localiser's out-of-fold points (what a classifier study with ``data.val_points: oof`` crops its
 validation studies around) are found by `oof_points_file`, the one place a ``runs:/`` or
@@ -17,6 +23,7 @@ validation studies around) are found by `oof_points_file`, the one place a ``run
 """
 from __future__ import annotations
 
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -25,10 +32,17 @@ from typing import Any
 from trainer.errors import UserError
 
 from . import artifacts as names
-
-from .tracking import Tracker
+from .tracking import Tracker, redact
 
 DEFAULT_STUDY = "localizer"
+LOCALIZER_MODEL = "spinesweep-localizer"  # the registered model of every promoted localiser, whatever its study
+CHAMPION = "champion"  # its alias: the newest promoted version
+CHAMPION_URI = f"models:/{LOCALIZER_MODEL}@{CHAMPION}"
+GUESS = "the mean-position guess (LevelPrior)"
+GUESS_COST = ("the mean-position guess misses the labelled sagittal points by a median 1.4 disc spacings on "
+              "the real training set (1.2 on the phantom), so most crops miss their level and the classifier "
+              "scores near its class prior (issue 20: 0.925 against 0.459 with labelled points)")
+_MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[\w\-]+)|/(?P<version>\d+))/?$")
 
 
 def best_localizer_run(tracking_uri: str, study: str = DEFAULT_STUDY) -> str:
@@ -37,8 +51,9 @@ def best_localizer_run(tracking_uri: str, study: str = DEFAULT_STUDY) -> str:
     tracker = Tracker(tracking_uri)
     exp = tracker.get_experiment(study)
     if exp is None:
-        raise UserError(f"no localiser study {study!r} in MLflow ({tracking_uri}): run `optuna-run localizer "
-                        f"--n-trials 3` first, or pass --model (a checkpoint, runs:/RUN_ID, or prior)")
+        raise UserError(f"no localiser study {study!r} in MLflow ({redact(tracking_uri)}): run `optuna-run localizer "
+                        f"--n-trials 3` then `optuna-run promote localizer` first, or name a localiser ({CHAMPION_URI}, "
+                        "a checkpoint, runs:/RUN_ID, or prior)")
     runs = tracker.search_runs([exp.experiment_id], "tags.trial != '' and attributes.status = 'FINISHED' "
                                "and params.task = 'localize'", order_by=["metrics.score ASC"], max_results=1)
     if not runs:
@@ -56,34 +71,88 @@ def run_checkpoints(tracking_uri: str, run_id: str, dst: Path) -> list[Path]:
     return [tracker.download(run_id, n, dst) for n in names]
 
 
+def champion_registered(tracking_uri: str) -> bool:
+    """Whether the registry holds a promoted localiser (`CHAMPION_URI`). A SQLite store that does not
+    exist holds none (and is not created: a pyfunc loaded from a folder asks MLflow's default store)."""
+    from .stores import sqlite_path
+
+    db = sqlite_path(tracking_uri)
+    if db is not None and not db.exists():
+        return False
+    return Tracker(tracking_uri).model_version(LOCALIZER_MODEL, CHAMPION) is not None
+
+
+def localizer_version(tracking_uri: str, uri: str):
+    """The registered localiser version a ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` URI names.
+
+    Raises:
+        UserError: a malformed URI, no such model, version or alias, or a version that is not a
+            localiser's (a classifier's: it has no points to give)."""
+    m = _MODEL_URI.match(uri)
+    if not m:
+        raise UserError(f"localiser {uri!r}: expected models:/NAME@ALIAS or models:/NAME/VERSION "
+                        f"(e.g. {CHAMPION_URI})")
+    name, ref = m["name"], m["alias"] or m["version"]
+    mv = Tracker(tracking_uri).model_version(name, ref)
+    if mv is None:
+        hint = " (promote one: optuna-run promote localizer)" if name == LOCALIZER_MODEL else ""
+        raise UserError(f"localiser {uri}: the model registry ({redact(tracking_uri)}) has no model {name!r} with "
+                        f"{'alias' if m['alias'] else 'version'} {ref!r}{hint}")
+    task = mv.tags.get("task", "localize" if name == LOCALIZER_MODEL else "classify")
+    if task != "localize":
+        raise UserError(f"localiser {uri}: {name} version {mv.version} is not a localiser (task {task}: a "
+                        f"classifier's model); promoted localisers are {LOCALIZER_MODEL}, e.g. {CHAMPION_URI}")
+    return mv
+
+
 def point_source(spec: str | None, data_dir: str | Path, tracking_uri: str, device: str = "cpu") -> tuple[Any, str]:
     """(point source for `trainer.infer.predict_studies` / `trainer.points.locate.localize`, a
-    description of it) from a localiser name (module doc); None means ``best``."""
+    description of it) from a localiser name (module doc). None: the promoted localiser
+    (`CHAMPION_URI`) when registered, else ``best``.
+
+    Raises:
+        UserError: the name is unknown or names nothing usable; for None, no localiser was promoted
+            and no localiser study has a complete trial (the message says how to make one)."""
     from trainer.data.layout import Layout
     from trainer.points.locate import Localizer, load_point_source
 
-    spec = spec or "best"
-    if spec == "prior" or Path(spec).exists():
+    if spec is None:
+        if champion_registered(tracking_uri):
+            spec = CHAMPION_URI
+        else:
+            try:
+                return point_source("best", data_dir, tracking_uri, device)
+            except UserError as e:
+                raise UserError(f"no promoted localiser ({CHAMPION_URI}) and {e}") from None
+    if spec == "prior" or (not spec.startswith(("models:/", "runs:/")) and Path(spec).exists()):
         try:
             return load_point_source(spec, Layout(Path(data_dir)), device), (
-                "the mean-position guess (LevelPrior)" if spec == "prior" else f"localiser {spec}")
+                GUESS if spec == "prior" else f"localiser {spec}")
         except ValueError as e:
             raise UserError(str(e)) from None
-    if spec == "best" or spec.startswith("study:"):
-        study = DEFAULT_STUDY if spec == "best" else spec.split(":", 1)[1]
-        run_id = best_localizer_run(tracking_uri, study)
-        what = f"localiser: best trial of study {study!r} (run {run_id})"
-    elif spec.startswith("runs:/"):
-        run_id = spec[len("runs:/"):].strip("/").split("/")[0]
-        what = f"localiser run {run_id}"
-    else:
-        raise UserError(f"localiser {spec!r}: expected prior, best, study:NAME, runs:/RUN_ID, or a checkpoint "
-                        "file or folder that exists")
-    tmp = Path(tempfile.mkdtemp(prefix="spinesweep-localizer-"))
-    try:
-        return Localizer.from_checkpoints(run_checkpoints(tracking_uri, run_id, tmp), device), what
-    except ValueError as e:
-        raise UserError(f"{what}: {e}") from None
+    with tempfile.TemporaryDirectory(prefix="spinesweep-localizer-") as tmp:
+        if spec.startswith("models:/"):
+            mv = localizer_version(tracking_uri, spec)
+            what = (f"the promoted localiser {spec} ({mv.name} version {mv.version}: study "
+                    f"{mv.tags.get('study', '?')!r}, trial {mv.tags.get('trial', '?')})")
+            folder = Tracker(tracking_uri).download_uri(f"{mv.source.rstrip('/')}/artifacts/checkpoints", tmp)
+            paths = sorted(Path(folder).glob("*.pt"))
+        else:
+            if spec == "best" or spec.startswith("study:"):
+                study = DEFAULT_STUDY if spec == "best" else spec.split(":", 1)[1]
+                run_id = best_localizer_run(tracking_uri, study)
+                what = f"localiser: best trial of study {study!r} (run {run_id})"
+            elif spec.startswith("runs:/"):
+                run_id = spec[len("runs:/"):].strip("/").split("/")[0]
+                what = f"localiser run {run_id}"
+            else:
+                raise UserError(f"localiser {spec!r}: expected prior, best, study:NAME, runs:/RUN_ID, a models:/ URI of "
+                                f"a promoted localiser ({CHAMPION_URI}), or a checkpoint file or folder that exists")
+            paths = run_checkpoints(tracking_uri, run_id, Path(tmp))
+        try:  # loaded into memory: the downloaded files can go
+            return Localizer.from_checkpoints(paths, device), what
+        except ValueError as e:
+            raise UserError(f"{what}: {e}") from None
 
 
 def localize_to_csv(data_dir: str | Path, out: str | Path, tracking_uri: str, model: str | None = None,
@@ -101,7 +170,9 @@ def localize_to_csv(data_dir: str | Path, out: str | Path, tracking_uri: str, mo
             "split": split}
 
 
-OOF_POINTS = "oof_coordinates"  # a localiser fold's OOF points: oof_coordinates_fold<k>.csv (trainer/points/fit.py)
+# the stem of a localiser's out-of-fold points files: oof_coordinates.csv (a promotion, every study),
+# oof_coordinates_fold<k>.csv (a trial's folds, trainer/points/fit.py)
+OOF_POINTS = Path(names.OOF_POINTS).stem
 URI_SCHEMES = ("runs:/", "models:/")
 
 
@@ -130,29 +201,6 @@ def _oof_artifacts(tracker: Tracker, run_id: str) -> list[str]:
     return sorted(promoted) or sorted(a for a in top if is_points(a))
 
 
-def model_version_run(tracking_uri: str, uri: str) -> str:
-    """The run id of a registered model version named by ``models:/NAME/VERSION`` or
-    ``models:/NAME@ALIAS``. Raises UserError when the registry has no such version."""
-    tracker = Tracker(tracking_uri)
-    ref = uri[len("models:/"):].strip("/")
-    try:
-        if "@" in ref:
-            name, alias = ref.split("@", 1)
-            version = tracker.client.get_model_version_by_alias(name, alias)
-        elif "/" in ref:
-            name, number = ref.rsplit("/", 1)
-            version = tracker.client.get_model_version(name, number)
-        else:
-            raise UserError(f"{uri}: expected models:/NAME/VERSION or models:/NAME@ALIAS")
-    except UserError:
-        raise
-    except Exception as e:
-        raise UserError(f"{uri}: no such model version in the registry ({tracking_uri}): {str(e)[:200]}") from None
-    if not version.run_id:
-        raise UserError(f"{uri}: the model version has no run (registered outside spinesweep?)")
-    return version.run_id
-
-
 def oof_points_file(uri: str, tracking_uri: str, dst: str | Path) -> Path:
     """A local ``train_label_coordinates.csv``-form file of a localiser's out-of-fold points, for
     ``data.val_points_file``. `uri` is
@@ -175,7 +223,7 @@ def oof_points_file(uri: str, tracking_uri: str, dst: str | Path) -> Path:
         if "://" in uri:
             raise UserError(f"data.val_points_file: {uri!r}: expected a local CSV, runs:/RUN_ID or models:/NAME/VERSION")
         return Path(uri)
-    run_id = (model_version_run(tracking_uri, uri) if uri.startswith("models:/")
+    run_id = (localizer_version(tracking_uri, uri).run_id if uri.startswith("models:/")
               else uri[len("runs:/"):].strip("/").split("/")[0])
     if not run_id:
         raise UserError(f"data.val_points_file: {uri!r}: no run id")

@@ -20,22 +20,20 @@ from trainer.metric import TARGET_COLUMNS, class_prior
 
 from .ensemble import combine, ensemble_weights, members
 from . import artifacts as names
+from .localize import GUESS, GUESS_COST
 from .promote import PromoteError
 from .tracking import Tracker
-
-
-GUESS_COST = ("the mean-position guess misses the labelled sagittal points by a median 1.4 disc spacings on "
-              "the real training set (1.2 on the phantom), so most crops miss their level and the classifier "
-              "scores near its class prior (issue 20: 0.925 against 0.459 with labelled points)")
 
 
 def predict(data_dir: str, out: str | Path, tracking_uri: str, name: str = "default", device: str = "cpu",
             log=print, localizer: str | None = None) -> dict[str, Any]:
     """Write the ensemble `name`'s submission for the test studies of `data_dir` to `out` (the
     ``sample_submission.csv`` form: ``row_id, normal_mild, moderate, severe``, 25 rows a study).
-    `localizer` names where the crops are cut (`sweep.localize`: ``prior``, a checkpoint,
-    ``runs:/ID``, ``best``); None: the best trial of the ``localizer`` study when there is one,
-    else the mean-position guess, with one warning that says what the guess costs.
+    `localizer` names where the crops are cut (`sweep.localize`: ``models:/...``, ``prior``, a
+    checkpoint, ``runs:/ID``, ``best``, ``study:NAME``); None: the promoted localiser
+    (``models:/spinesweep-localizer@champion``) when registered, else the best trial of the
+    ``localizer`` study when there is one, else the mean-position guess, with one warning that
+    says what the guess costs.
 
     Returns: path, rows, studies, members, weights, the conditions no member covers
     (``filled_with_label_prior``), the rows and studies that fell back to label frequencies, and
@@ -58,15 +56,15 @@ def predict(data_dir: str, out: str | Path, tracking_uri: str, name: str = "defa
         raise PromoteError(f"{data_dir}: test_series_descriptions.csv lists no study")
     try:
         source, what = point_source(localizer, data_dir, tracking_uri, device)
-    except UserError as e:  # no localiser study, or none of its trials complete
+    except UserError as e:  # none promoted, no localiser study, or none of its trials complete
         if localizer is not None:
             raise
         log(f"predict: WARNING no localiser ({e}); points placed by the mean-position guess: {GUESS_COST}")
-        source, what = LevelPrior.fit(layout), "the mean-position guess (LevelPrior)"
+        source, what = LevelPrior.fit(layout), GUESS
     log(f"predict: points placed by {what}")
     tmp_points = Path(tempfile.mkdtemp(prefix="spinesweep-points-")) / "points.csv"
-    if isinstance(source, LevelPrior):
-        prior, points_param = source, {}
+    if isinstance(source, LevelPrior):  # members told so: a model's own default would look for a localiser
+        prior, points_param = source, {"localizer": "prior"}
     else:  # computed once, shared by every member (pyfunc members read the file)
         localize(source, data_dir, "test", study_ids).to_csv(tmp_points, index=False)
         prior, points_param = PointTable.from_csv(tmp_points), {"points": str(tmp_points)}
@@ -82,7 +80,8 @@ def predict(data_dir: str, out: str | Path, tracking_uri: str, name: str = "defa
             log(f"predict: {m.label} ({uri}) on {len(study_ids)} test studies")
             model = tracker.load_model(uri)
             frames.append(model.predict(pd.DataFrame({"data_dir": [str(Path(data_dir).resolve())] * len(study_ids),
-                                                      "study_id": study_ids}), params={"device": device, **points_param}))
+                                                      "study_id": study_ids}),
+                                        params={"device": device, **_known_params(model, points_param)}))
             fallbacks.append(_fallback_rows(frames[-1], m.label))
             continue
         # a version promoted before models were logged: its checkpoints, as they were stored
@@ -123,6 +122,14 @@ def predict(data_dir: str, out: str | Path, tracking_uri: str, name: str = "defa
             "weights": weights, "filled_with_label_prior": sorted(filled), "points": what,
             "fallback_rows": int(sub["row_id"].isin(set(fell_back["row_id"])).sum()),
             "fallback_studies": sorted({int(r.split("_")[0]) for r in fell_back["row_id"]})}
+
+
+def _known_params(model, params: dict) -> dict:
+    """The `params` a loaded pyfunc's signature declares (a model registered before the
+    ``localizer`` param existed takes the guess by default anyway; MLflow would warn about the rest)."""
+    sig = model.metadata.signature
+    known = {p.name for p in sig.params.params} if sig is not None and sig.params is not None else set(params)
+    return {k: v for k, v in params.items() if k in known}
 
 
 def _fallback_rows(frame: pd.DataFrame, member: str) -> pd.DataFrame:

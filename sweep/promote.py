@@ -1,17 +1,24 @@
-"""Promotion: a trial (the best by default) becomes an ensemble member.
+"""Promotion: a trial (the best by default) becomes a registered model version.
 
 It trains the folds it was not evaluated on (child runs of its MLflow run, through the same
 `evaluate_folds` a trial uses), so it has OOF predictions for every training study; its
 checkpoints, config and full OOF go under the run's ``promoted/`` artifacts and become a new
-version of the registered model ``spinesweep-<study>``, tagged ``ensemble=<name>`` and aliased
-``trial_<n>``. `ensemble.py` combines the members, `predict.py` writes the submission.
+version of a registered model:
+- a classifier's: ``spinesweep-<study>``, tagged ``ensemble=<name>`` and aliased ``trial_<n>``, an
+  ensemble member; `ensemble.py` combines the members, `predict.py` writes the submission;
+- a localiser's (``task: localize``, any study): ``spinesweep-localizer`` (one model for every
+  localiser study), aliased ``study_<study>_trial_<n>`` and ``champion`` (moved to the newest
+  version), with its OOF points over every training study (``oof_coordinates.csv``, the
+  ``train_label_coordinates.csv`` form) kept with the model. `predict` and the classifier's model
+  cut their crops around its points (`sweep.localize`).
 """
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import optuna
@@ -22,7 +29,7 @@ from trainer.errors import UserError
 
 from . import artifacts as names
 from .evaluate import FoldHooks, evaluate_folds
-from .localize import local_val_points
+from .localize import CHAMPION, LOCALIZER_MODEL, local_val_points
 from .model import save as save_model
 from .progress import ProgressFolds
 from .query import run_config
@@ -74,6 +81,8 @@ class Promotion:
     oof_score: float
     groups: dict[str, float]
     already: bool = False
+    task: str = "classify"  # localize: a localiser, registered as spinesweep-localizer
+    aliases: list[str] = field(default_factory=list)  # the aliases set on the version
 
 
 class PromotionFolds(FoldHooks):
@@ -105,6 +114,8 @@ class PromotionFolds(FoldHooks):
         result.solution.to_csv(art / names.SOLUTION, index=False)
         pd.DataFrame(result.history).to_csv(art / "history.csv", index=False)
         (art / names.fold_file("confusion", fold, 1)).write_text(json.dumps(result.confusion))
+        for name, table in result.tables.items():  # the task's own per-fold tables (a localiser's points)
+            table.to_csv(art / names.fold_table(name, fold), index=False)
         self.tracker.log_artifacts(self.child, art)
         # after every epoch's step: MLflow's latest `score` (the UI column, search filters) is the fold's score
         self.tracker.log_batch(self.child, metrics={"score": result.score, "prior_score": result.prior_score},
@@ -129,34 +140,49 @@ def _input_example(cfg: TrainConfig) -> pd.DataFrame:
     return pd.DataFrame({"data_dir": [str(layout.root.resolve())], "study_id": [study]})
 
 
+def version_aliases(study_name: str, trial: int, task: str) -> list[str]:
+    """The aliases a promoted version gets: ``trial_<n>`` for a classifier (its model is its study's);
+    ``study_<study>_trial_<n>`` (characters MLflow refuses in an alias as ``-``) and `CHAMPION`
+    for a localiser, whose model holds every localiser study's versions."""
+    if task != "localize":
+        return [f"trial_{trial}"]
+    safe = re.sub(r"[^\w-]", "-", study_name)
+    return [f"study_{safe}_trial_{trial}", CHAMPION]
+
+
 def promote(study_name: str, storage_url: str, tracking_uri: str, trial: int | None = None,
             run_id: str | None = None, all_folds: bool = True, data_dir: str | None = None,
             ensemble: str = "default", log=print) -> Promotion:
     """Promote a trial of `study_name` (by `trial` number, by MLflow `run_id`, else the best one): train
     the folds it was not evaluated on (all of ``data.n_folds`` with `all_folds`), and register a new
-    version of ``spinesweep-<study>`` tagged ``ensemble=<ensemble>``, aliased ``trial_<n>``. A trial
-    registered already is returned as is (``already=True``). `data_dir` overrides the run's data folder.
+    version: a classifier's of ``spinesweep-<study>`` tagged ``ensemble=<ensemble>``, aliased
+    ``trial_<n>``; a localiser's of ``spinesweep-localizer``, aliased ``study_<study>_trial_<n>`` and
+    ``champion`` (module doc). A trial registered already is returned as is (``already=True``).
+    `data_dir` overrides the run's data folder.
 
     Raises:
-        PromoteError: no such trial or run, the trial is not COMPLETE or has no MLflow run, it is a
-            localiser, or its run lacks the OOF, solution or fold checkpoints."""
+        PromoteError: no such trial or run, the trial is not COMPLETE or has no MLflow run, its run
+            lacks the OOF, solution or fold checkpoints, or a classifier study is named like the
+            localiser's model."""
     from .storage import open_study
 
     study = open_study(storage_url, study_name)
     t = _study_trial(study, trial, run_id)
     run_id = t.user_attrs["mlflow_run_id"]
     space = study.user_attrs.get("space", study_name)
-    model = f"{MODEL_PREFIX}{study_name}"
     tracker = Tracker(tracking_uri)
+    run = tracker.get_run(run_id)
+    cfg = run_config(tracker, run)
+    localiser = cfg.task == "localize"
+    model = LOCALIZER_MODEL if localiser else f"{MODEL_PREFIX}{study_name}"
+    if not localiser and model == LOCALIZER_MODEL:
+        raise PromoteError(f"study {study_name!r} holds classifier trials, but {LOCALIZER_MODEL} is the registered "
+                           "model of promoted localisers: run the classifier study under another name (--study-name)")
     for v in tracker.model_versions(MODEL_PREFIX, model):
         if v.tags.get("trial_run_id") == run_id:
             return Promotion(model, v.version, t.number, run_id, json.loads(v.tags.get("folds", "[]")), [],
-                             float(v.tags.get("oof_score", "nan")), {}, already=True)
-    run = tracker.get_run(run_id)
-    cfg = run_config(tracker, run)
-    if cfg.task != "classify":  # the registered model is a classifier's pyfunc (sweep/model.py)
-        raise PromoteError(f"trial {t.number} of {study_name!r} is a localiser (task {cfg.task}): promoting one is not "
-                           f"supported yet; use its points with optuna-run localize --model runs:/{run_id}")
+                             float(v.tags.get("oof_score", "nan")), {}, already=True, task=cfg.task,
+                             aliases=list(getattr(v, "aliases", []) or []))
     if data_dir:
         cfg = cfg.with_overrides({"data.data_dir": data_dir})
     cfg = local_val_points(cfg, run, tracking_uri)
@@ -186,6 +212,12 @@ def promote(study_name: str, storage_url: str, tracking_uri: str, trial: int | N
         total = folds.score()
         folds.oof.to_csv(promoted / names.OOF, index=False)
         folds.solution.to_csv(promoted / names.SOLUTION, index=False)
+        points = None
+        if localiser:  # the OOF points over every training study, as train_label_coordinates.csv
+            from trainer.points.metrics import competition_form
+
+            points = promoted / names.OOF_POINTS
+            competition_form(folds.oof).to_csv(points, index=False)
         (promoted / names.CONFIG).write_text(cfg.to_yaml())
         # the registered model: a pyfunc holding every fold's checkpoint (promoted/model)
         checkpoints = work / "checkpoints"
@@ -193,23 +225,32 @@ def promote(study_name: str, storage_url: str, tracking_uri: str, trial: int | N
         for ckpt in promoted.glob("checkpoint_fold*.pt"):
             shutil.move(ckpt, checkpoints / ckpt.name)
         log(f"promote: trial {t.number}: saving the MLflow model (signature, input example) ...")
-        save_model(promoted / "model", checkpoints, _input_example(cfg), promoted / names.OOF, promoted / names.SOLUTION)
+        save_model(promoted / "model", checkpoints, _input_example(cfg), promoted / names.OOF, promoted / names.SOLUTION,
+                   task=cfg.task, points=points)
         tracker.log_artifacts(run_id, promoted, names.PROMOTED)
         if not tracker.registered_model_exists(model):
-            tracker.create_registered_model(model, f"Promoted trials of the spinesweep study {study_name} "
-                                                   f"(space {space}).")
+            tracker.create_registered_model(model, (
+                "Promoted localisers (task: localize) of every spinesweep localiser study; alias champion: the "
+                "newest." if localiser else f"Promoted trials of the spinesweep study {study_name} (space {space})."))
         all_done = sorted(evaluated + missing)
+        tags = {"trial": str(t.number), "trial_run_id": run_id, "study": study_name, "space": space,
+                "task": cfg.task, "folds": json.dumps(all_done), "oof_score": f"{total.score:.6f}",
+                "conditions": json.dumps(list(cfg.data.conditions))}
+        if not localiser:  # a localiser is no ensemble member: it places the members' points
+            tags["ensemble"] = ensemble
+            tags["val_points"] = cfg.data.val_points  # the points its OOF score was measured on
+            if "val_points_source" in run.data.tags:
+                tags["val_points_source"] = run.data.tags["val_points_source"]
+        what = f"{cfg.localizer.score} {total.score:.2f} mm" if localiser else f"score {total.score:.4f}"
         mv = tracker.create_model_version(
-            model, source=f"{run.info.artifact_uri}/{names.PROMOTED}/model", run_id=run_id,
-            tags={"ensemble": ensemble, "trial": str(t.number), "trial_run_id": run_id, "study": study_name,
-                  "space": space, "folds": json.dumps(all_done), "oof_score": f"{total.score:.6f}",
-                  "conditions": json.dumps(list(cfg.data.conditions)), "val_points": cfg.data.val_points,
-                  **({"val_points_source": run.data.tags["val_points_source"]}
-                     if "val_points_source" in run.data.tags else {})},
-            description=f"trial {t.number}: OOF score {total.score:.4f} over folds {all_done}")
-        tracker.set_model_alias(model, f"trial_{t.number}", mv.version)
+            model, source=f"{run.info.artifact_uri}/{names.PROMOTED}/model", run_id=run_id, tags=tags,
+            description=f"study {study_name}, trial {t.number}: OOF {what} over folds {all_done}")
+        aliases = version_aliases(study_name, t.number, cfg.task)
+        for alias in aliases:
+            tracker.set_model_alias(model, alias, mv.version)
         tracker.set_tags(run_id, {"promoted": f"{model} v{mv.version}"})
         tracker.log_batch(run_id, metrics={"promoted_oof_score": total.score})
-        return Promotion(model, mv.version, t.number, run_id, all_done, missing, total.score, total.groups)
+        return Promotion(model, mv.version, t.number, run_id, all_done, missing, total.score, total.groups,
+                         task=cfg.task, aliases=aliases)
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -333,6 +333,18 @@ class Tracker:
         return _retry(self.client.create_model_version, name, source=source, run_id=run_id, tags=tags,
                       description=description)
 
+    def model_version(self, name: str, ref: str):
+        """The version `ref` (a number, or an alias) of the registered model `name`; None when the model,
+        that version or that alias does not exist (any MLflow error reads as absent)."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            if ref.isdigit():
+                return _retry(self.client.get_model_version, name, ref)
+            return _retry(self.client.get_model_version_by_alias, name, ref)
+        except MlflowException:
+            return None
+
     def set_model_alias(self, name: str, alias: str, version: str) -> None:
         """Point the alias `alias` of registered model `name` at `version` (moved there if it pointed elsewhere)."""
         _retry(self.client.set_registered_model_alias, name, alias, version)

@@ -90,6 +90,19 @@ def test_point_scores_count_wrong_levels_and_missing_points():
         score_points(base, base, "mean_mm")
 
 
+def test_earlier_folds_alone_are_scored_by_the_task_that_made_them():
+    """A promotion that trains no fold (``--folds evaluated``) scores the trial's own OOF rows: a
+    localiser's by the point error, not by the classifier's metric."""
+    from sweep.evaluate import FoldScores
+
+    base = pd.DataFrame(dict(study_id=1, series_id=9, instance_number=[3, 3], condition="spinal_canal_stenosis",
+                             level=["l1_l2", "l2_l3"], x=0.0, y=0.0, patient_x=0.0, patient_y=0.0,
+                             patient_z=[35.0, 0.0], slice=[4, 4]))
+    cfg = TrainConfig().with_overrides({"task": "localize", "localizer.score": "median_mm"})
+    res = FoldScores(extra_oof=[base.assign(patient_z=[35.0, 10.0])], extra_solution=[base], config=cfg).score()
+    assert res.score == pytest.approx(5.0) and res.groups["level_accuracy"] == 1.0
+
+
 def test_localize_writes_rows_the_layout_reader_takes_back(layout, tmp_path):
     from trainer.infer import LevelPrior
     from trainer.points.locate import localize

@@ -4,6 +4,7 @@ logged, the submission has the exact Kaggle form and scores against the hidden t
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import optuna
@@ -145,3 +146,119 @@ def test_members_covering_different_rows_are_weighed_without_error():
     weights, chosen, held_out = choose_weights(joint_solution([full, part]), [full.oof, part.oof])
     assert len(weights) == 2 and np.isclose(sum(weights), 1) and chosen
     assert all(np.isfinite(v) or v == np.inf for v in held_out.values())
+
+
+def test_a_models_uri_must_name_a_registered_localiser(stores, layout, tmp_path):
+    """``models:/`` point sources: a malformed URI, a model or alias the registry lacks, and a
+    classifier's version each fail with a message naming what is wrong."""
+    from sweep.localize import point_source
+    from trainer.errors import UserError
+
+    uri = default_tracking_uri()
+    with pytest.raises(UserError, match="expected models:/NAME@ALIAS"):
+        point_source("models:/spinesweep-localizer", layout.root, uri)
+    with pytest.raises(UserError, match="no model 'spinesweep-localizer' with alias 'champion'.*promote localizer"):
+        point_source("models:/spinesweep-localizer@champion", layout.root, uri)
+    client = MlflowClient(uri)
+    client.create_registered_model("spinesweep-demo")
+    (tmp_path / "model").mkdir()
+    client.create_model_version("spinesweep-demo", str(tmp_path / "model"), tags={"task": "classify"})
+    client.set_registered_model_alias("spinesweep-demo", "trial_0", "1")
+    for spec in ("models:/spinesweep-demo@trial_0", "models:/spinesweep-demo/1"):
+        with pytest.raises(UserError, match="spinesweep-demo version 1 is not a localiser"):
+            point_source(spec, layout.root, uri)
+    with pytest.raises(UserError, match="no model 'spinesweep-demo' with version '7'"):
+        point_source("models:/spinesweep-demo/7", layout.root, uri)
+
+
+@pytest.mark.slow
+def test_a_promoted_localiser_places_the_points_of_predict_and_of_the_classifier_model(phantom_dir, stores, capsys):
+    """A classifier ensemble without any localiser: predict and the classifier's model warn once,
+    naming the guess's cost. A tiny localiser study promoted (its missing folds trained) becomes
+    ``spinesweep-localizer@champion``: a pyfunc whose points round-trip through the layout reader,
+    with OOF points over every training study; then predict, `localize` and the classifier's model
+    use it by default and say so, and ``prior`` keeps the guess."""
+    import warnings
+
+    import mlflow
+    import mlflow.pyfunc
+
+    from sweep.localize import CHAMPION_URI
+    from sweep.localize import oof_points_file
+    from trainer.data.layout import read_coordinates
+
+    uri, data = default_tracking_uri(), str(phantom_dir)
+    test_ids = sorted(pd.read_csv(phantom_dir / "test_series_descriptions.csv")["study_id"].unique().tolist())
+    inputs = pd.DataFrame({"data_dir": [data] * len(test_ids), "study_id": test_ids})
+
+    # a classifier ensemble, no localiser anywhere
+    assert main(["demo", "--smoke", "--n-trials", "1", "--data", data]) == 0
+    assert main(["promote", "demo-smoke", "--folds", "evaluated"]) == 0
+    assert main(["ensemble", "--weights", "equal"]) == 0
+    capsys.readouterr()
+    assert main(["predict", "--data", data, "--out", "guess.csv"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("WARNING") == 1 and "1.4 disc spacings" in out, out
+    assert "points placed by the mean-position guess" in out
+    mlflow.set_tracking_uri(uri)
+    classifier = mlflow.pyfunc.load_model("models:/spinesweep-demo-smoke@trial_0")
+    assert {p.name for p in classifier.metadata.signature.params.params} >= {"points", "localizer"}
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        guessed = classifier.predict(inputs)
+    assert len([w for w in seen if "disc spacings" in str(w.message)]) == 1
+
+    # promoting a localiser study without a complete trial says so
+    optuna.create_study(study_name="localizer-empty", storage="sqlite:///studies.db")
+    assert main(["promote", "localizer-empty"]) == 2
+    assert "no completed trial" in capsys.readouterr().err
+
+    assert main(["localizer", "--smoke", "--n-trials", "1", "--data", data]) == 0
+    capsys.readouterr()
+    assert main(["promote", "localizer-smoke"]) == 0
+    out = capsys.readouterr().out
+    assert "promoted localiser trial 0 -> spinesweep-localizer version 1" in out, out
+    assert "study_localizer-smoke_trial_0, champion" in out and "trained fold(s) [1, 2, 3]" in out
+    client = MlflowClient(uri)
+    mv = client.get_model_version_by_alias("spinesweep-localizer", "champion")
+    assert client.get_model_version_by_alias("spinesweep-localizer", "study_localizer-smoke_trial_0").version == mv.version
+    study = optuna.load_study(study_name="localizer-smoke", storage="sqlite:///studies.db")
+    assert mv.tags["trial_run_id"] == study.trials[0].user_attrs["mlflow_run_id"] and mv.tags["task"] == "localize"
+    assert mv.tags["study"] == "localizer-smoke" and json.loads(mv.tags["folds"]) == [0, 1, 2, 3]
+    assert float(mv.tags["oof_score"]) > 0 and "ensemble" not in mv.tags  # not a classifier ensemble's member
+    points = read_coordinates(oof_points_file(CHAMPION_URI, uri, Path("oof_points")))
+    solution = pd.read_csv(client.download_artifacts(mv.run_id, "promoted/solution.csv", "."))
+    assert set(points["study_id"]) == set(solution["study_id"]) and points["study_id"].nunique() == 8  # every study
+
+    # the localiser's own model: points in train_label_coordinates.csv form
+    localiser = mlflow.pyfunc.load_model(CHAMPION_URI)
+    assert localiser.metadata.signature.inputs.input_names() == ["data_dir", "study_id"]
+    assert localiser.metadata.saved_input_example_info is not None
+    rows = localiser.predict(inputs)
+    assert list(rows.columns) == ["study_id", "series_id", "instance_number", "condition", "level", "x", "y"]
+    rows.to_csv("champion_points.csv", index=False)
+    back = read_coordinates(Path("champion_points.csv"))
+    assert len(back) == len(rows) > 0 and set(back["study_id"]) == set(test_ids)
+    train_rows = localiser.predict(pd.DataFrame({"data_dir": [data], "study_id": [int(points["study_id"].iloc[0])]}),
+                                   params={"split": "train"})
+    assert set(train_rows["study_id"]) == {int(points["study_id"].iloc[0])}
+
+    # localize, predict and the classifier's model now use it by default; prior keeps the guess
+    assert main(["localize", "--data", data, "--out", "points.csv"]) == 0
+    assert f"by the promoted localiser {CHAMPION_URI}" in capsys.readouterr().out
+    pd.testing.assert_frame_equal(pd.read_csv("points.csv"), pd.read_csv("champion_points.csv"))
+    assert main(["predict", "--data", data, "--out", "localised.csv"]) == 0
+    out = capsys.readouterr().out
+    assert f"points placed by the promoted localiser {CHAMPION_URI}" in out and "WARNING" not in out, out
+    assert main(["predict", "--data", data, "--localizer", "prior", "--out", "prior.csv"]) == 0
+    out = capsys.readouterr().out
+    assert "points placed by the mean-position guess" in out and "WARNING" not in out, out
+    pd.testing.assert_frame_equal(pd.read_csv("prior.csv"), pd.read_csv("guess.csv"))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        by_default = classifier.predict(inputs)
+        by_champion = classifier.predict(inputs, params={"localizer": CHAMPION_URI})
+        by_prior = classifier.predict(inputs, params={"localizer": "prior"})
+    assert not [w for w in seen if "disc spacings" in str(w.message)]
+    pd.testing.assert_frame_equal(by_default, by_champion)
+    pd.testing.assert_frame_equal(by_prior, guessed)
