@@ -9,6 +9,10 @@ import pytest
 
 # no usage telemetry from test runs (MLflow would try to send it, from every process the tests start)
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+# test processes share the cores (pytest-xdist workers, the studies' worker processes): OpenMP
+# threads that spin while they wait (libgomp's default) then burn the cores the others need; set
+# before torch is imported anywhere, inherited by every process a test starts
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from trainer.data.layout import Layout  # noqa: E402
 from trainer.data.phantom import make_phantom  # noqa: E402

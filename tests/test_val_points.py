@@ -206,7 +206,7 @@ def test_oof_points_file_resolves_runs_and_models_uris(layout, stores, tmp_path)
     assert oof_points_file("some/file.csv", uri, tmp_path) == Path("some/file.csv")
     from trainer.errors import UserError
 
-    with pytest.raises(UserError, match="no such model version"):
+    with pytest.raises(UserError, match="has no model .spinesweep-localizer. with version .7."):
         oof_points_file("models:/spinesweep-localizer/7", uri, tmp_path)
     empty = tracker.start_run(tracker.ensure_experiment("other"), "x", tags={})
     with pytest.raises(UserError, match=rf"run {empty} logged no oof_coordinates\*\.csv: not a localiser trial"):
