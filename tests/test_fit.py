@@ -114,6 +114,7 @@ def test_train_command_names_a_bad_backbone_without_a_traceback(capsys):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("phantom50")  # one process builds the 50-study phantom both configs train on
 @pytest.mark.parametrize("config", ["configs/phantom_scs.yaml", "configs/phantom_all.yaml"])
 def test_a_small_model_learns_the_phantom(config, tmp_path_factory):
     """The issue's bar: on a 50-study phantom, on CPU, score < 0.7 x the prior's."""
