@@ -182,22 +182,15 @@ def is_points_uri(value: str) -> bool:
 
 
 def _oof_artifacts(tracker: Tracker, run_id: str) -> list[str]:
-    """A localiser run's out-of-fold point files (``oof_coordinates*.csv`` or ``oof_points*.csv``):
-    those of a promotion (under ``promoted/``, at any depth of it: every fold) when there are some,
-    else the trial's own ``oof_coordinates_fold<k>.csv`` (the folds it was evaluated on)."""
+    """A localiser run's out-of-fold point files (``oof_coordinates*.csv``): its promotion's, under
+    ``promoted/`` (every fold), when it was promoted, else the trial's own
+    ``oof_coordinates_fold<k>.csv`` (the folds it was evaluated on)."""
     def is_points(path: str) -> bool:
         base = path.rsplit("/", 1)[-1]
-        return base.startswith((OOF_POINTS, "oof_points")) and base.endswith(".csv")
+        return base.startswith(OOF_POINTS) and base.endswith(".csv")
 
     top = tracker.list_artifacts(run_id)
-    promoted, folders = [], [a for a in top if a == names.PROMOTED]
-    while folders:  # promoted/ and below: a registered localiser's points file, wherever promotion put it
-        folder = folders.pop()
-        for a in tracker.list_artifacts(run_id, folder):
-            if is_points(a):
-                promoted.append(a)
-            elif "." not in a.rsplit("/", 1)[-1] and a.count("/") < 4:
-                folders.append(a)
+    promoted = [a for a in tracker.list_artifacts(run_id, names.PROMOTED) if is_points(a)] if names.PROMOTED in top else []
     return sorted(promoted) or sorted(a for a in top if is_points(a))
 
 
@@ -206,7 +199,7 @@ def oof_points_file(uri: str, tracking_uri: str, dst: str | Path) -> Path:
     ``data.val_points_file``. `uri` is
     - a path: returned as it is (the trainer reads and checks it);
     - ``runs:/RUN_ID``: a localiser trial's run: its ``oof_coordinates_fold<k>.csv`` (one per fold
-      it was evaluated on), or those its promotion logged under ``promoted/``;
+      it was evaluated on), or the ``oof_coordinates.csv`` its promotion logged under ``promoted/``;
     - ``models:/NAME/VERSION`` or ``models:/NAME@ALIAS``: a registered localiser version: the same
       files of the version's run.
     The files are joined into ``dst/oof_points_<run id>.csv`` (written once: a second call with the
