@@ -7,7 +7,9 @@ from trainer.errors import UserError
 from .evaluate import evaluate_folds
 from .tracking import Tracker
 
-STATE = {"FINISHED": "COMPLETE", "KILLED": "PRUNED", "FAILED": "FAILED", "RUNNING": "RUNNING"}
+# a trial run ends KILLED when it was pruned (tagged pruned) or interrupted (Ctrl-C: Optuna holds it
+# FAILED, marked interrupted, and --resume runs its parameters again)
+STATE = {"FINISHED": "COMPLETE", "KILLED": "INTERRUPTED", "FAILED": "FAILED", "RUNNING": "RUNNING"}
 
 
 def _experiment(tracker: Tracker, name: str):
@@ -48,7 +50,8 @@ def runs_table(experiment: str, tracking_uri: str | None = None, top: int | None
     for r in runs:
         # a pruned trial shows the value Optuna keeps for it (its best score when it was stopped)
         scored = r.info.status == "FINISHED" or r.data.tags.get("pruned") == "true"
-        row = dict(trial=int(r.data.tags["trial"]), state=STATE.get(r.info.status, r.info.status),
+        state = "PRUNED" if r.data.tags.get("pruned") == "true" else STATE.get(r.info.status, r.info.status)
+        row = dict(trial=int(r.data.tags["trial"]), state=state,
                    score=r.data.metrics.get("score") if scored else None)
         for k, v in sorted(r.data.tags.items()):
             if k.startswith("optuna."):

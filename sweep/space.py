@@ -358,6 +358,14 @@ def _param(key: str, spec, base: TrainConfig, seen: set, err, earlier: dict | No
             raise err(f"{where}.when", f"{k} is fixed to {fixed[k]!r}, so this parameter would never be sampled")
 
     def check_value(v):
+        parts = key.split(".")
+        if parts[:2] == ["augment", "ops"] and not _op_name(key):
+            from trainer.augment import OPS, accepted_arguments, argument_hint
+
+            stale = len(parts) == 4 and parts[2] in OPS and parts[3] not in accepted_arguments(parts[2])
+            hint = argument_hint(parts[2], parts[3]) if stale else ""
+            raise err(where, f"only an op's probability can be sampled (augment.ops.<Op>.p), not {key!r}{hint}; "
+                             "set the op's other arguments in the fixed augment.ops, or sample augment.preset")
         if _op_name(key):
             names = [op.get("name") for op in base.augment.ops]
             if _op_name(key) not in names:

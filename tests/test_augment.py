@@ -74,3 +74,16 @@ def test_stale_arguments_translate_where_the_meaning_carries_over():
     for op, given in (("GaussNoise", {"var_limit": (10, 50)}), ("CoarseDropout", {"max_holes": 2, "max_height": 0.2})):
         built = build_augment(AugmentConfig(ops=({"name": op, **translate_v1(op, given)[0]},)))
         assert built is not None  # the translation is accepted by the installed albumentations
+
+
+def test_every_stale_argument_of_an_op_is_named_with_its_replacement():
+    from trainer.augment import build_augment
+    from trainer.config import ConfigError, TrainConfig
+
+    cfg = TrainConfig.from_dict({"augment": {"ops": [
+        {"name": "CoarseDropout", "max_holes": 8, "max_height": 16, "max_width": 16}]}})
+    with pytest.raises(ConfigError) as e:
+        build_augment(cfg.augment)
+    for old, new in (("max_holes", "num_holes_range"), ("max_height", "hole_height_range"),
+                     ("max_width", "hole_width_range")):
+        assert f"argument {old!r} is not accepted" in str(e.value) and new in str(e.value)

@@ -128,3 +128,16 @@ def test_a_space_with_an_unbuildable_fixed_value_fails_on_load(tmp_path):
         load_space(write(tmp_path, "fixed: {model.backbone: resnet10t.nope}"))
     with pytest.raises(SpaceError, match=r"fixed: augment.ops\[0\] \(Blur\): argument 'always_apply'"):
         load_space(write(tmp_path, "fixed: {augment.ops: [{name: Blur, always_apply: true}]}"))
+
+
+@pytest.mark.parametrize("arg,hint", [("var_limit", "replaced it with std_range"), ("noise_scale_factor", None)])
+def test_sampling_an_op_argument_other_than_p_is_refused_in_one_line(tmp_path, arg, hint):
+    from sweep.space import SpaceError, load_space
+
+    path = tmp_path / "ops.yaml"
+    path.write_text("direction: minimize\nfixed:\n  augment.ops: [{name: GaussNoise, p: 0.5}]\nparams:\n"
+                    f"  augment.ops.GaussNoise.{arg}: {{type: float, low: 0.1, high: 0.5}}\n")
+    with pytest.raises(SpaceError) as e:
+        load_space(str(path))
+    assert "only an op's probability can be sampled (augment.ops.<Op>.p)" in str(e.value)
+    assert (hint in str(e.value)) if hint else "did you mean" not in str(e.value)

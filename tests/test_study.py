@@ -287,3 +287,20 @@ def test_reproduce_of_a_parent_run_says_it_is_not_a_trial(quick_copy, capsys):
     assert main(["reproduce", parent]) == 2
     err = capsys.readouterr().err
     assert f"run {parent} is not a trial's run" in err and err.count("\n") == 1
+
+
+def test_runs_table_tells_an_interrupted_trial_from_a_pruned_one(stores):
+    """Both runs end KILLED in MLflow: a pruned trial's is tagged pruned; an interrupted one's
+    (Ctrl-C: Optuna holds it FAILED, its parameters enqueued again) is not."""
+    from sweep.query import runs_table
+    from sweep.tracking import Tracker
+
+    tracker = Tracker()
+    exp = tracker.ensure_experiment("states")
+    pruned = tracker.start_run(exp, "states-t0", tags={"trial": 0})
+    tracker.log_batch(pruned, metrics={"score": 0.9}, tags={"pruned": "true"})
+    tracker.end_run(pruned, "KILLED")
+    stopped = tracker.start_run(exp, "states-t1", tags={"trial": 1})
+    tracker.fail_run(stopped, "interrupted (Ctrl-C); its parameters were enqueued again", "KILLED")
+    states = {r["trial"]: (r["state"], r["score"]) for r in runs_table("states")}
+    assert states == {0: ("PRUNED", 0.9), 1: ("INTERRUPTED", None)}

@@ -131,16 +131,23 @@ def translate_v1(name: str, args: dict[str, Any]) -> tuple[dict[str, Any], dict[
     return out, kept
 
 
-def _stale_argument(i: int, name: str, arg: str) -> ConfigError:
+def argument_hint(name: str, arg: str) -> str:
+    """For an argument op `name` does not take: its albumentations-2 replacement, or a close accepted name
+    (``; ...``, or empty)."""
     rule = _v1(name, arg)
     if rule is not None and rule[0]:
-        hint = f"; albumentations 2 replaced it with {rule[0]}"
-    elif rule is not None:
-        hint = "; albumentations 2 removed it, with no replacement"
-    else:
-        hint = did_you_mean(arg, accepted_arguments(name), n=2)
-    return ConfigError(f"augment.ops[{i}] ({name}): argument {arg!r} is not accepted by albumentations "
-                       f"{A.__version__}{hint} (it takes: {', '.join(accepted_arguments(name))})")
+        return f"; albumentations 2 replaced it with {rule[0]}"
+    if rule is not None:
+        return "; albumentations 2 removed it, with no replacement"
+    return did_you_mean(arg, accepted_arguments(name), n=2)
+
+
+def _stale_arguments(i: int, name: str, args: list[str]) -> ConfigError:
+    """The error naming every argument of op `i` the installed albumentations does not take, each
+    with its albumentations-2 replacement or a close accepted name."""
+    each = "; ".join(f"argument {a!r} is not accepted by albumentations {A.__version__}{argument_hint(name, a)}"
+                     for a in args)
+    return ConfigError(f"augment.ops[{i}] ({name}): {each} (it takes: {', '.join(accepted_arguments(name))})")
 
 
 def resolve_ops(cfg) -> list[dict]:
@@ -167,9 +174,9 @@ def build_augment(cfg, seed: int | None = None) -> A.Compose | None:
         if not isinstance(p, (int, float)) or not 0 <= p <= 1:
             raise ConfigError(f"augment.ops[{i}] ({name}): p must be in [0, 1], got {p!r}")
         accepted = accepted_arguments(name)
-        for arg in spec:
-            if arg not in accepted:  # albumentations would warn and use its default instead
-                raise _stale_argument(i, name, arg)
+        stale = [arg for arg in spec if arg not in accepted]  # albumentations would warn and use its defaults
+        if stale:
+            raise _stale_arguments(i, name, stale)
         spec = {k: tuple(v) if isinstance(v, list) else v for k, v in spec.items()}
         try:
             with warnings.catch_warnings():
