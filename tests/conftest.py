@@ -14,15 +14,37 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 # before torch is imported anywhere, inherited by every process a test starts
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+from filelock import FileLock  # noqa: E402
+
 from trainer.data.layout import Layout  # noqa: E402
 from trainer.data.phantom import make_phantom  # noqa: E402
 
 
+def shared_once(tmp_path_factory, name: str, build) -> Path:
+    """The folder ``name``, filled by ``build(folder)`` once per test run and shared by every
+    pytest-xdist worker process (each worker would otherwise build its own copy of every session
+    fixture). The first worker to ask builds it under a file lock; the others wait, then read it.
+    Callers treat the folder as read-only. A build that raised is retried by the next asker."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the run's folder, above every worker's own
+    out = root / name
+    done = out / ".built"
+    with FileLock(str(root / f"{name}.lock")):
+        if not done.exists():
+            shutil.rmtree(out, ignore_errors=True)
+            out.mkdir(parents=True)
+            build(out)
+            done.touch()
+    return out
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _private_cache(tmp_path_factory):
-    """Never touch the user's ~/.cache/spinesweep from tests."""
+    """Never touch the user's ~/.cache/spinesweep from tests: one private cache per test run."""
     old = os.environ.get("SPINESWEEP_CACHE")
-    os.environ["SPINESWEEP_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    # one per run, shared by the xdist workers like the studies' worker processes share theirs
+    os.environ["SPINESWEEP_CACHE"] = str(shared_once(tmp_path_factory, "cache", lambda out: None))
     yield
     if old is None:
         os.environ.pop("SPINESWEEP_CACHE", None)
@@ -34,9 +56,8 @@ def _private_cache(tmp_path_factory):
 def phantom_dir(tmp_path_factory) -> Path:
     """A small phantom (10 train + 2 test studies), built once per session. Read-only: copy it
     (`phantom_copy`) before breaking anything."""
-    out = tmp_path_factory.mktemp("phantom")
-    make_phantom(out, studies=10, test_studies=2, seed=7, jobs=2)
-    return out
+    return shared_once(tmp_path_factory, "phantom",
+                       lambda out: make_phantom(out, studies=10, test_studies=2, seed=7, jobs=2))
 
 
 @pytest.fixture
@@ -64,9 +85,9 @@ def mlflow_template(tmp_path_factory) -> Path:
     seconds, and most tests that run a study only need one to be there."""
     from sweep.tracking import Tracker
 
-    db = tmp_path_factory.mktemp("mlflow_template") / "mlflow.db"
-    Tracker(f"sqlite:///{db}")
-    return db
+    folder = shared_once(tmp_path_factory, "mlflow_template",
+                         lambda out: Tracker(f"sqlite:///{out / 'mlflow.db'}"))
+    return folder / "mlflow.db"
 
 
 @pytest.fixture
@@ -109,22 +130,23 @@ def quick_study(phantom_dir, mlflow_template, tmp_path_factory) -> Path:
     from fakes import quick_fit
     from sweep.study import run_study
 
-    root = tmp_path_factory.mktemp("quick_study")
-    (root / "quick.yaml").write_text(QUICK_SPACE)
-    (root / "mlruns").mkdir()
-    shutil.copy(mlflow_template, root / "mlruns" / "mlflow.db")
-    old = os.getcwd()
-    os.chdir(root)
-    try:
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
-        study = optuna.create_study(study_name="quick", storage="sqlite:///studies.db", direction="minimize")
-        for params in QUICK_TRIALS:
-            study.enqueue_trial(params)
-        run_study(str(root / "quick.yaml"), data=str(phantom_dir), resume=True, fit_fn=quick_fit,
-                  log=lambda line: None)
-    finally:
-        os.chdir(old)
-    return root
+    def build(root: Path) -> None:
+        (root / "quick.yaml").write_text(QUICK_SPACE)
+        (root / "mlruns").mkdir()
+        shutil.copy(mlflow_template, root / "mlruns" / "mlflow.db")
+        old = os.getcwd()
+        os.chdir(root)
+        try:
+            optuna.logging.set_verbosity(optuna.logging.WARNING)
+            study = optuna.create_study(study_name="quick", storage="sqlite:///studies.db", direction="minimize")
+            for params in QUICK_TRIALS:
+                study.enqueue_trial(params)
+            run_study(str(root / "quick.yaml"), data=str(phantom_dir), resume=True, fit_fn=quick_fit,
+                      log=lambda line: None)
+        finally:
+            os.chdir(old)
+
+    return shared_once(tmp_path_factory, "quick_study", build)
 
 
 @pytest.fixture
@@ -141,9 +163,8 @@ def quick_copy(quick_study, tmp_path, monkeypatch) -> Path:
 def phantom30_dir(tmp_path_factory) -> Path:
     """A 30-study phantom (and 2 test studies), built once per session for the slow tests that
     measure point statistics or train the localiser. Read-only."""
-    out = tmp_path_factory.mktemp("phantom30")
-    make_phantom(out, studies=30, test_studies=2, seed=1, jobs=2)
-    return out
+    return shared_once(tmp_path_factory, "phantom30",
+                       lambda out: make_phantom(out, studies=30, test_studies=2, seed=1, jobs=2))
 
 
 # -- test time by loop -----------------------------------------------------------------------------
