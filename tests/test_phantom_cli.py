@@ -77,12 +77,21 @@ def test_label_priors_are_realistic():
     assert severe_by_level[0] < severe_by_level[3]  # lower levels are worse
 
 
-def run_cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "spinesweep", *args], capture_output=True, text=True, cwd=cwd)
+def run_cli(capsys, *args):
+    """`optuna-run ARGS` in this process (a subprocess would only add seconds of imports): its
+    exit code and what it wrote, as ``returncode``, ``stdout``, ``stderr``."""
+    from types import SimpleNamespace
+
+    from spinesweep.cli import main
+
+    capsys.readouterr()
+    code = main(list(args))
+    out = capsys.readouterr()
+    return SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err)
 
 
-def test_data_check_reports_zero_failures_on_the_phantom(phantom_dir):
-    r = run_cli("data", "check", "--data", str(phantom_dir), "--json")
+def test_data_check_reports_zero_failures_on_the_phantom(phantom_dir, capsys):
+    r = run_cli(capsys, "data", "check", "--data", str(phantom_dir), "--json")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["studies"] == 10 and out["failures"] == {}
@@ -90,21 +99,21 @@ def test_data_check_reports_zero_failures_on_the_phantom(phantom_dir):
     assert out["points"] == len(pd.read_csv(phantom_dir / "train_label_coordinates.csv"))
 
 
-def test_data_check_counts_broken_input_and_still_exits_zero(phantom_copy):
+def test_data_check_counts_broken_input_and_still_exits_zero(phantom_copy, capsys):
     layout = Layout(phantom_copy)
     sid = layout.study_ids[0]
     folder = layout.series_dir(sid, layout.series_of(sid)["Axial T2"][0])
     victim = sorted(folder.glob("*.dcm"))[0]
     victim.write_bytes(victim.read_bytes()[:-500])  # truncated
-    r = run_cli("data", "check", "--data", str(phantom_copy), "--json")
+    r = run_cli(capsys, "data", "check", "--data", str(phantom_copy), "--json")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["failures"].get("slice_unreadable") == 1
     assert victim.name in out["failure_examples"]["slice_unreadable"][0]
 
 
-def test_data_check_exits_nonzero_only_when_the_layout_is_unreadable(tmp_path):
-    r = run_cli("data", "check", "--data", str(tmp_path))
+def test_data_check_exits_nonzero_only_when_the_layout_is_unreadable(tmp_path, capsys):
+    r = run_cli(capsys, "data", "check", "--data", str(tmp_path))
     assert r.returncode == 2 and "train.csv: file not found" in r.stderr and "Traceback" not in r.stderr
 
 
