@@ -77,6 +77,29 @@ def test_decoding_perfect_heatmaps_recovers_every_labelled_point(layout):
     assert res.groups["p90_mm"] < 4.0  # a neighbouring slice at most (3-4 mm)
 
 
+def test_a_foramen_is_looked_for_at_its_own_levels_height(layout):
+    """A lateral slice alone hardly tells one level's foramen from the next: here the L3/L4
+    channel of Sagittal T1 fires more strongly at the L4/L5 foramen than at its own. Decoding
+    still places it at L3/L4, by the height of the L3/L4 canal point carried into the slice."""
+    store = VolumeStore(default_cache_dir())
+
+    def load(s, i):
+        return store.open(SeriesRef(int(s), int(i), layout.series_dir(s, i)))
+
+    ids = layout.study_ids[:3]
+    preds = []
+    for sid in ids:
+        maps = _oracle_maps(layout, store, sid, size=128)  # discs about 5 cells apart: distinct peaks
+        for m in maps:
+            if m.group == "sag_t1":
+                m.probs = [np.stack([p[0], p[1], np.maximum(p[2], 1.5 * p[3]), p[3], p[4]]) for p in m.probs]
+        preds.append(decode_study(sid, maps, 4))
+    pred = pd.concat(preds, ignore_index=True)
+    truth = with_patient_positions(layout.coordinates[layout.coordinates["study_id"].isin(ids)].reset_index(drop=True), load)
+    res = score_points(truth, pred)
+    assert res.groups["sag_t1_level_accuracy"] == 1.0 and res.groups["sag_t1_p90_mm"] < 4.0
+
+
 def test_point_scores_count_wrong_levels_and_missing_points():
     base = pd.DataFrame(dict(study_id=1, series_id=9, instance_number=[3, 3, 3], condition="spinal_canal_stenosis",
                              level=["l1_l2", "l2_l3", "l3_l4"], x=0.0, y=0.0, patient_x=0.0, patient_y=0.0,

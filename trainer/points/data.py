@@ -26,9 +26,19 @@ from ..data.dicom import Volume
 from ..data.geometry import patient_to_pixel, pixel_to_patient
 from ..data.layout import LEVELS, PLANE_OF_CONDITION, Layout
 from ..data.volumes import SeriesRef, VolumeStore
-from .model import CHANNELS, GROUP_OF_SERIES, N_CHANNELS
+from .model import CHANNELS, GROUP_OF_SERIES, GROUPS, N_CHANNELS
 
 GROUP_OF_CONDITION = {c: GROUP_OF_SERIES[d] for c, d in PLANE_OF_CONDITION.items()}
+
+
+def groups_of(conditions) -> tuple[str, ...]:
+    """The slice groups a localiser of these conditions trains and reads: those of the
+    conditions, and Sagittal T2/STIR whenever foramina or recesses are asked for (their levels
+    come from the canal points, `locate.decode_study`)."""
+    need = {GROUP_OF_CONDITION[c] for c in conditions}
+    if need & {"sag_t1", "axial"}:
+        need.add("sag_t2")
+    return tuple(g for g in GROUPS if g in need)
 
 
 @dataclass(frozen=True)

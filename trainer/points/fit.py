@@ -31,10 +31,10 @@ from ..data.layout import Layout
 from ..data.volumes import SeriesRef, VolumeStore, cache_budget
 from ..training import (EMA, Callback, FitResult, environment, loader_workers, lr_lambda, optimizer_step,
                         resolve_device, seed_everything, train_val_split, worker_init)
-from .data import GROUP_OF_CONDITION, SliceDataset, slice_frame
+from .data import SliceDataset, groups_of, slice_frame
 from .locate import SeriesMaps, decode_study
 from .metrics import COORD_COLUMNS, competition_form, score_points, with_patient_positions
-from .model import CHANNELS, GROUPS, build_keypoint_model, save_checkpoint
+from .model import CHANNELS, build_keypoint_model, save_checkpoint
 from .prior import LevelPrior
 
 POSITIVE_WEIGHT = 10.0  # a heatmap cell weighs 1 + this x its target in the loss: points are few
@@ -47,13 +47,6 @@ def heatmap_loss(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor)
     loss = F.binary_cross_entropy_with_logits(logits.float(), target, weight=w, reduction="sum")
     return loss / (mask.sum() * target.shape[-1] * target.shape[-2]).clamp_min(1.0)
 
-
-def groups_of(conditions) -> tuple[str, ...]:
-    """The slice groups a localiser of these conditions trains (axial needs the canal's levels)."""
-    need = {GROUP_OF_CONDITION[c] for c in conditions}
-    if "axial" in need:
-        need.add("sag_t2")
-    return tuple(g for g in GROUPS if g in need)
 
 
 def prior_points(layout: Layout, train_ids, study_ids, load_volume, cache_root: Path) -> pd.DataFrame:
@@ -103,7 +96,7 @@ def fit_localizer(cfg: TrainConfig, callbacks: Iterable[Callback] = (), progress
             for d, ids in layout.series_of(s).items() for i in ids]
     store.prepare(refs, jobs=torch.get_num_threads())
 
-    model = build_keypoint_model(cfg.model).to(device)
+    model = build_keypoint_model(cfg.model, cfg.localizer.stride).to(device)
     lc = cfg.localizer
     train_ds = SliceDataset(layout, store, train_ids, groups, lc, cfg.model.in_chans, model.stride, train=True, seed=cfg.seed)
     val_ds = SliceDataset(layout, store, val_ids, groups, lc, cfg.model.in_chans, model.stride, train=False)

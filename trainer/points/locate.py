@@ -5,8 +5,12 @@ Decoding, per study (`decode_study`):
 - spinal canal: the five levels placed jointly in head-to-feet order on the Sagittal T2/STIR
   heatmaps (`ordered_levels`), each on the slice where its own heatmap peaks there, the point
   refined to a fraction of a cell (`refine`);
-- foramina: the same on Sagittal T1, once among the slices left of the midline and once among
-  those right of it (the midline: the canal points' patient x, else the stack's centre);
+- foramina: on Sagittal T1, once among the slices left of the midline and once among those right
+  of it (the midline: the canal points' patient x, else the stack's centre); each level's heatmap
+  weighted by a Gaussian around that level's canal point carried through patient space into the
+  slice (sd half the local disc spacing, `_near_canal`), since a foramen sits at its disc's height
+  and a lateral slice alone hardly tells one level from the next; without canal points, the five
+  levels placed jointly as on the canal;
 - subarticular recesses, each level: the canal point of that level carried through patient space
   to the Axial T2 slices within `AXIAL_REACH_MM` of it (every axial series), the slice whose left
   and right peaks sum highest, the two points on it.
@@ -23,7 +27,7 @@ import torch
 from ..data.dicom import Volume
 from ..data.geometry import patient_to_pixel, pixel_to_patient, slice_center
 from ..data.layout import CONDITIONS, LEVELS
-from .data import GROUP_OF_CONDITION, SliceFrame, inference_series, slice_input
+from .data import SliceFrame, groups_of, inference_series, slice_input
 from .metrics import COORD_COLUMNS, PATIENT_COLUMNS
 from .model import CHANNELS, GROUPS
 
@@ -64,6 +68,15 @@ def peak(hm: np.ndarray, stride: int) -> tuple[float, float, float]:
     return (float(hm[i, j]), *refine(hm, i, j, stride))
 
 
+def local_maxima(a: np.ndarray) -> np.ndarray:
+    """Boolean mask ``a.shape`` (2-D) of the cells higher than each of their 8 neighbours."""
+    h, w = a.shape
+    padded = np.pad(a, 1, constant_values=-np.inf)
+    neighbours = np.max([padded[1 + di:h + 1 + di, 1 + dj:w + 1 + dj] for di in (-1, 0, 1) for dj in (-1, 0, 1)
+                         if di or dj], axis=0)
+    return a > neighbours
+
+
 def ordered_levels(stack: np.ndarray, stride: int, candidates: int = 9) -> list[tuple[int, float, float]] | None:
     """The five levels of a sagittal stack placed jointly: ``stack`` ``[slices, 5, H, W]``.
 
@@ -74,11 +87,7 @@ def ordered_levels(stack: np.ndarray, stride: int, candidates: int = 9) -> list[
     (slice position in the stack, u, v), or None when fewer than five candidates stand out."""
     proj = stack.max(0)  # [5, H, W]
     total = proj.sum(0)
-    h, w = total.shape
-    padded = np.pad(total, 1, constant_values=-1)
-    neighbours = np.max([padded[1 + di:h + 1 + di, 1 + dj:w + 1 + dj] for di in (-1, 0, 1) for dj in (-1, 0, 1)
-                         if di or dj], axis=0)
-    peaks = np.argwhere((total > neighbours) & (total > 0.05))
+    peaks = np.argwhere(local_maxima(total) & (total > 0.05))
     if len(peaks) < 5:
         return None
     peaks = peaks[np.argsort(-total[tuple(peaks.T)])][:candidates]
@@ -135,6 +144,41 @@ def _levels(maps: SeriesMaps, stride: int, among=None) -> list[tuple[int, float,
     return [_best(maps, lv, stride, among) for lv in range(len(LEVELS))]
 
 
+def _near_canal(maps: SeriesMaps, stride: int, among, canal: dict[str, np.ndarray]) -> list[tuple[int, float, float]]:
+    """Per level (position in `maps.indices`, u, v) on the slices `among` of a Sagittal T1 stack:
+    of the level heatmap's peaks (`local_maxima`) on every slice, the one whose height times a
+    Gaussian around the level's canal point (patient mm, ``canal[level]``, carried into the slice's
+    heatmap grid) is highest. The Gaussian's sd is half the in-plane distance between neighbouring
+    canal points there (the disc spacing), so a neighbouring level's foramen weighs about e^-2 of
+    its own. The weight only chooses among peaks: the point is the peak itself (`refine`d), never
+    pulled towards the canal."""
+    points = [canal[level] for level in LEVELS]
+    out = []
+    for lv in range(len(LEVELS)):
+        best = None
+        for k in among:
+            hm = maps.probs[k][lv]
+            idx, frame = maps.indices[k], maps.frames[k]
+            cells = []
+            for p in points[max(lv - 1, 0):lv + 2]:
+                x, y, _ = patient_to_pixel(maps.volume, idx, p)
+                u, v = frame.to_model(x, y)
+                cells.append(((float(u) + 0.5) / stride - 0.5, (float(v) + 0.5) / stride - 0.5))
+            own = cells[0 if lv == 0 else 1]
+            spacing = np.mean([np.hypot(a[0] - b[0], a[1] - b[1]) for a, b in zip(cells, cells[1:])])
+            sd = max(0.5 * spacing, 1.0)
+            for i, j in np.argwhere(local_maxima(hm)):
+                w = hm[i, j] * np.exp(-((j - own[0]) ** 2 + (i - own[1]) ** 2) / (2 * sd ** 2))
+                if best is None or w > best[0]:
+                    best = (w, k, int(i), int(j))
+        if best is None:  # flat heatmaps on every slice: no peak to weigh
+            out.append(_best(maps, lv, stride, among))
+            continue
+        _, k, i, j = best
+        out.append((k, *refine(maps.probs[k][lv], i, j, stride)))
+    return out
+
+
 def decode_study(study_id: int, maps: list[SeriesMaps], stride: int, conditions=CONDITIONS) -> pd.DataFrame:
     """Rows of the train_label_coordinates form (submission spelling) plus `PATIENT_COLUMNS`, one
     per (condition, level) of `conditions` that the study's heatmaps can place (module doc)."""
@@ -160,7 +204,7 @@ def decode_study(study_id: int, maps: list[SeriesMaps], stride: int, conditions=
             cond = f"{side}_neural_foraminal_narrowing"
             if cond not in conditions or not among:
                 continue
-            placed = _levels(m, stride, among)
+            placed = _near_canal(m, stride, among, canal) if len(canal) == len(LEVELS) else _levels(m, stride, among)
             for lv, level in enumerate(LEVELS):
                 k, u, v = placed[lv]
                 rows.append(_row(study_id, m, k, cond, level, u, v))
@@ -191,8 +235,7 @@ class Localizer:
         self.models, self.cfg, self.device, self.batch_size = models, cfg, torch.device(device), batch_size
         self.stride = models[0].stride
         self.conditions = tuple(cfg.data.conditions)
-        self.groups = tuple(sorted({GROUP_OF_CONDITION[c] for c in self.conditions} | (
-            {"sag_t2"} if any(GROUP_OF_CONDITION[c] == "axial" for c in self.conditions) else set()), key=GROUPS.index))
+        self.groups = groups_of(self.conditions)
 
     @classmethod
     def from_checkpoints(cls, paths, device: str = "cpu") -> "Localizer":

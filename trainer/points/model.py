@@ -1,6 +1,6 @@
 """The keypoint network: a timm backbone (`features_only`) and a light feature-pyramid head that
-sums its feature maps at the finest stride of 4 or more and emits one heatmap logit map per
-channel (`CHANNELS`).
+sums its feature maps at the finest stride of `localizer.stride` (2 or 4) or more and emits one
+heatmap logit map per channel (`CHANNELS`).
 
 Channels: the spinal canal point of each level (Sagittal T2/STIR), the foramen of each level
 (Sagittal T1, either side: a lateral slice looks the same on both sides, the side comes from the
@@ -27,15 +27,18 @@ GROUP_OF_SERIES = {"Sagittal T2/STIR": "sag_t2", "Sagittal T1": "sag_t1", "Axial
 class KeypointNet(nn.Module):
     """Input ``[B, in_chans, S, S]`` (a slice and its neighbours, S a multiple of 32); output
     heatmap logits ``[B, N_CHANNELS, S / stride, S / stride]`` with `stride` the finest feature
-    stride >= 4 the backbone offers (4 for ResNets and EfficientNets)."""
+    stride >= `min_stride` the backbone offers (ResNets and EfficientNets have 2 and 4; ConvNeXts
+    start at 4). The coarser maps are projected to `width` channels, upsampled and summed onto the
+    finest, as in a feature pyramid (Lin et al. 2017), so a stride-2 map carries the deep features'
+    context at the stem's resolution."""
 
-    def __init__(self, backbone: str, pretrained, in_chans: int = 3, width: int = 64):
+    def __init__(self, backbone: str, pretrained, in_chans: int = 3, width: int = 64, min_stride: int = 4):
         super().__init__()
         check_backbone(backbone)
         self.backbone, self.pretrained_loaded = create_backbone(backbone, pretrained, features_only=True,
                                                                 in_chans=in_chans)
         info = self.backbone.feature_info
-        keep = [i for i, r in enumerate(info.reduction()) if r >= 4]
+        keep = [i for i, r in enumerate(info.reduction()) if r >= min_stride]
         self.keep = keep
         self.stride = info.reduction()[keep[0]]
         self.lateral = nn.ModuleList(nn.Conv2d(info.channels()[i], width, 1) for i in keep)
@@ -56,9 +59,10 @@ class KeypointNet(nn.Module):
         return self.head(out)
 
 
-def build_keypoint_model(model_cfg) -> KeypointNet:
-    """A `KeypointNet` from a `ModelConfig` (backbone, pretrained, in_chans)."""
-    return KeypointNet(model_cfg.backbone, model_cfg.pretrained, model_cfg.in_chans)
+def build_keypoint_model(model_cfg, stride: int = 4) -> KeypointNet:
+    """A `KeypointNet` from a `ModelConfig` (backbone, pretrained, in_chans) and the heatmap
+    stride asked for (`LocalizerConfig.stride`)."""
+    return KeypointNet(model_cfg.backbone, model_cfg.pretrained, model_cfg.in_chans, min_stride=stride)
 
 
 def save_checkpoint(path: Path, model, cfg, epoch: int, metrics: dict) -> None:
@@ -89,6 +93,7 @@ def load_localizer_checkpoint(path, device: str = "cpu") -> tuple[KeypointNet, "
     if ckpt.get("task") != "localize":
         raise ValueError(f"{path}: not a localiser checkpoint (task {ckpt.get('task', 'classify')!r})")
     cfg = TrainConfig.from_dict(ckpt["config"])
-    model = build_keypoint_model(dataclasses.replace(cfg.model, pretrained=False))
+    # the stride the model was built with: checkpoints older than `localizer.stride` used 4
+    model = build_keypoint_model(dataclasses.replace(cfg.model, pretrained=False), ckpt.get("stride", 4))
     model.load_state_dict(ckpt["state_dict"])
     return model.to(device).eval(), cfg
