@@ -39,7 +39,7 @@ from trainer.data.volumes import SeriesRef, VolumeStore
 LOCALIZER = {
     "task": "localize", "model": {"backbone": "test_resnet", "pretrained": False, "in_chans": 3},
     "optim": {"lr": 3e-3, "epochs": 14, "batch_size": 16, "warmup_ratio": 0.1},
-    "localizer": {"img_size": 96, "negatives": 0.15, "sigma": 1.5, "affine": 0.5}, "device": "cpu",
+    "localizer": {"img_size": 96, "stride": 2, "negatives": 0.15, "sigma": 2.0, "affine": 0.5}, "device": "cpu",
 }
 SHIFT = 0.15  # crop_shift of the jittered classifier: a crop's centre moves up to 15% of its half side
 CLASSIFIER = {  # the demo space's fixed values and a set from the top of its grid (bench/search.py)

@@ -136,8 +136,8 @@ class LocalizerConfig:
     optimiser, `data` (folder, folds, conditions: which points) and `seed` with the classifier."""
 
     img_size: int = 96  # every slice resized to img_size x img_size
-    stride: Literal[2, 4] = 4  # heatmap cell side in input pixels (the finest backbone stride used; 2: finer points)
-    sigma: float = 1.5  # the heatmap Gaussian's sd, in heatmap cells (`stride` input pixels each)
+    stride: Literal[2, 4] = 2  # heatmap cell side in input pixels (4: the stride-4 head alone; bench/localize.py)
+    sigma: float = 2.0  # the heatmap Gaussian's sd, in heatmap cells (`stride` input pixels each)
     slice_sigma_mm: float = 2.0  # a point's heatmap fades with its distance from a slice (sd, mm)
     affine: float = 0.5  # augmentation strength in [0, 1]: scale +-20%, shift +-10%, rotation +-15 deg, contrast
     negatives: float = 0.3  # share of the slices far from every point that each epoch trains on

@@ -1,6 +1,5 @@
 """The keypoint network: a timm backbone (`features_only`) and a light feature-pyramid head that
-sums its feature maps at the finest stride of `localizer.stride` (2 or 4) or more and emits one
-heatmap logit map per channel (`CHANNELS`).
+emits one heatmap logit map per channel (`CHANNELS`) at stride 4, or 2 (`localizer.stride`).
 
 Channels: the spinal canal point of each level (Sagittal T2/STIR), the foramen of each level
 (Sagittal T1, either side: a lateral slice looks the same on both sides, the side comes from the
@@ -26,11 +25,14 @@ GROUP_OF_SERIES = {"Sagittal T2/STIR": "sag_t2", "Sagittal T1": "sag_t1", "Axial
 
 class KeypointNet(nn.Module):
     """Input ``[B, in_chans, S, S]`` (a slice and its neighbours, S a multiple of 32); output
-    heatmap logits ``[B, N_CHANNELS, S / stride, S / stride]`` with `stride` the finest feature
-    stride >= `min_stride` the backbone offers (ResNets and EfficientNets have 2 and 4; ConvNeXts
-    start at 4). The coarser maps are projected to `width` channels, upsampled and summed onto the
-    finest, as in a feature pyramid (Lin et al. 2017), so a stride-2 map carries the deep features'
-    context at the stem's resolution."""
+    heatmap logits ``[B, N_CHANNELS, S / stride, S / stride]``.
+
+    The backbone's maps of stride 4 and coarser are projected to `width` channels, upsampled and
+    summed at the finest of them, as in a feature pyramid (Lin et al. 2017), and go through a 3x3
+    conv block and a 1x1 output conv. With ``min_stride=2`` and a backbone that has a stride-2 map
+    (ResNets, EfficientNets; not ConvNeXts, which start at 4), the block's output is upsampled
+    once more, added to the projected stride-2 map, and goes through a second, half-width 3x3
+    block before the output conv (a U-Net-style decoder step): heatmap cells of 2 input pixels."""
 
     def __init__(self, backbone: str, pretrained, in_chans: int = 3, width: int = 64, min_stride: int = 4):
         super().__init__()
@@ -38,25 +40,40 @@ class KeypointNet(nn.Module):
         self.backbone, self.pretrained_loaded = create_backbone(backbone, pretrained, features_only=True,
                                                                 in_chans=in_chans)
         info = self.backbone.feature_info
-        keep = [i for i, r in enumerate(info.reduction()) if r >= min_stride]
+        keep = [i for i, r in enumerate(info.reduction()) if r >= 4]
         self.keep = keep
         self.stride = info.reduction()[keep[0]]
         self.lateral = nn.ModuleList(nn.Conv2d(info.channels()[i], width, 1) for i in keep)
-        self.head = nn.Sequential(nn.Conv2d(width, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(inplace=True),
-                                  nn.Conv2d(width, N_CHANNELS, 1))
-        nn.init.constant_(self.head[-1].bias, -4.0)  # heatmaps start near 0: most cells hold no point
+        block = [nn.Conv2d(width, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
+        fine = [i for i, r in enumerate(info.reduction()) if min_stride <= r < self.stride]
+        self.fine = fine[-1] if fine else None
+        if self.fine is None:
+            self.head = nn.Sequential(*block, nn.Conv2d(width, N_CHANNELS, 1))
+        else:  # the stride-4 block, then a narrower one at stride 2 on it and the stem's map
+            self.stride = info.reduction()[self.fine]
+            self.head = nn.Sequential(*block)
+            self.fine_lateral = nn.Conv2d(info.channels()[self.fine], width, 1)
+            half = width // 2
+            self.fine_head = nn.Sequential(nn.Conv2d(width, half, 3, padding=1), nn.BatchNorm2d(half),
+                                           nn.ReLU(inplace=True), nn.Conv2d(half, N_CHANNELS, 1))
+        out = (self.head if self.fine is None else self.fine_head)[-1]
+        nn.init.constant_(out.bias, -4.0)  # heatmaps start near 0: most cells hold no point
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, in_chans, S, S]`` -> heatmap logits ``[B, N_CHANNELS, S / stride, S / stride]``."""
         feats = self.backbone(x)
-        fine = feats[self.keep[0]]
+        coarse = feats[self.keep[0]]
         out = 0
         for conv, i in zip(self.lateral, self.keep):
             y = conv(feats[i])
-            if y.shape[-2:] != fine.shape[-2:]:
-                y = F.interpolate(y, size=fine.shape[-2:], mode="bilinear", align_corners=False)
+            if y.shape[-2:] != coarse.shape[-2:]:
+                y = F.interpolate(y, size=coarse.shape[-2:], mode="bilinear", align_corners=False)
             out = out + y
-        return self.head(out)
+        if self.fine is None:
+            return self.head(out)
+        fine = self.fine_lateral(feats[self.fine])
+        h = F.interpolate(self.head(out), size=fine.shape[-2:], mode="bilinear", align_corners=False) + fine
+        return self.fine_head(h)
 
 
 def build_keypoint_model(model_cfg, stride: int = 4) -> KeypointNet:
