@@ -48,6 +48,17 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    """argparse type: a whole number >= 0 (a count that may be zero, a seed)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more (got {value})")
+    return value
+
+
 def positive_float(text: str) -> float:
     """argparse type: a number > 0 (seconds)."""
     try:
@@ -269,9 +280,9 @@ def _make_phantom_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("dir", help="the folder to write (created)")
     p.add_argument("--studies", type=positive_int, default=DEFAULT_PHANTOM["studies"],
                    help="training studies (default: %(default)s)")
-    p.add_argument("--test-studies", type=int, default=DEFAULT_PHANTOM["test_studies"],
+    p.add_argument("--test-studies", type=non_negative_int, default=DEFAULT_PHANTOM["test_studies"],
                    help="test studies, unlabelled (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=DEFAULT_PHANTOM["seed"], help="the same seed writes the same data (default: %(default)s)")
+    p.add_argument("--seed", type=non_negative_int, default=DEFAULT_PHANTOM["seed"], help="the same seed writes the same data (default: %(default)s)")
     p.add_argument("--jobs", type=positive_int, default=os.cpu_count() or 1, help="processes (default: all cores)")
     p.add_argument("--scale", choices=["small", "real"], default="small",
                    help="small (default): 192-288 px, a few RLE files, fast on a CPU; real: the competition's "
@@ -335,7 +346,8 @@ def data_check(args: argparse.Namespace) -> int:
 
 
 def _data_audit_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--oof", metavar="FILE.csv", help="a localiser trial's oof.csv: also flag points far from its points")
+    p.add_argument("--oof", metavar="FILE.csv", help="a localiser's out-of-fold points (a trial's oof.csv, or coordinate rows as "
+                   "`optuna-run localize` writes them): also flag labelled points far from them")
     p.add_argument("--far-mm", type=positive_float, default=15.0,
                    help="how far is far from the localiser (default: %(default)s mm)")
     p.add_argument("--out", default="audit.csv", help="the review list (default: audit.csv)")
@@ -345,8 +357,13 @@ def data_audit(args: argparse.Namespace) -> int:
     """`optuna-run data audit`."""
     from trainer.points.audit import audit_folder
 
+    from trainer.points.metrics import competition_form
+
     found = audit_folder(ensure_data(args.data), args.oof, args.far_mm)
-    found.to_csv(args.out, index=False)
+    # the label file's spelling ("Spinal Canal Stenosis", "L1/L2"), so the list joins train_label_coordinates.csv
+    rows = competition_form(found)
+    rows[["reason", "detail", "badness"]] = found[["reason", "detail", "badness"]]
+    rows.to_csv(args.out, index=False)
     counts = found["reason"].value_counts().to_dict()
     return emit(args, {"path": args.out, "points": len(found), "by_reason": counts}, lambda: print(
         f"{args.out}: {len(found)} labelled points to review, worst first {counts or ''}"))
@@ -665,7 +682,12 @@ def serve(cmd: list[str], grace: float = 10.0) -> int:
 
     from sweep.tracking import server_env
 
-    child = subprocess.Popen(cmd, start_new_session=True, env=server_env())
+    try:  # the server writes where this command's output goes: stderr under --json (`main`), so
+        # stdout carries the start line's JSON alone
+        out = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # a captured stream without a file descriptor
+        out = None
+    child = subprocess.Popen(cmd, start_new_session=True, env=server_env(), stdout=out)
 
     def stop(signum, frame):
         raise KeyboardInterrupt

@@ -52,6 +52,8 @@ def test_a_bare_space_name_is_the_study_command():
     (["demo", "--n-trials", "x"], "optuna-run: error: study: argument --n-trials: expected a whole number, got 'x'"),
     (["runs", "demo", "--top", "0"], "optuna-run: error: runs: argument --top: must be positive (got 0)"),
     (["make-phantom", "d", "--studies", "-3"], "optuna-run: error: make-phantom: argument --studies: must be positive"),
+    (["make-phantom", "d", "--test-studies", "-1"], "optuna-run: error: make-phantom: argument --test-studies: must be 0 or more (got -1)"),
+    (["make-phantom", "d", "--seed", "-2"], "optuna-run: error: make-phantom: argument --seed: must be 0 or more (got -2)"),
     (["promote"], "optuna-run: error: promote: the following arguments are required: space"),
 ])
 def test_argument_errors_are_one_line(argv, message, capsys):

@@ -215,6 +215,28 @@ def test_the_audit_finds_planted_errors_and_nothing_in_clean_labels(layout):
     assert set(found.loc[found["reason"] == "levels_out_of_order", "level"]) == {"l1_l2", "l2_l3"}
 
 
+def test_the_audit_reads_either_form_of_a_localisers_points(phantom_copy, tmp_path, capsys):
+    """`data audit --oof` takes coordinate rows as `localize` writes them (no patient columns: they
+    are computed) as well as a trial's oof.csv; a missing file is one error line; the review list
+    is in the label file's spelling, so it joins train_label_coordinates.csv."""
+    from spinesweep.cli import main
+
+    labels = pd.read_csv(phantom_copy / "train_label_coordinates.csv")
+    moved = labels.copy()
+    moved.loc[0, "y"] += 40  # the "localiser" disagrees with one labelled point by 40 pixels
+    moved.to_csv(tmp_path / "points.csv", index=False)
+    out = tmp_path / "audit.csv"
+    assert main(["data", "audit", "--data", str(phantom_copy), "--oof", str(tmp_path / "points.csv"),
+                 "--out", str(out)]) == 0
+    found = pd.read_csv(out)
+    assert list(found["reason"]) == ["far_from_prediction"]
+    key = ["study_id", "series_id", "instance_number", "condition", "level", "x", "y"]
+    assert found[key].merge(labels, on=key).shape[0] == 1  # the label file's own row and spelling
+    capsys.readouterr()
+    assert main(["data", "audit", "--data", str(phantom_copy), "--oof", str(tmp_path / "nope.csv")]) == 2
+    assert "nope.csv: localiser points file not found" in capsys.readouterr().err
+
+
 def test_a_localiser_is_named_or_the_error_says_what_to_do(layout, tmp_path):
     from sweep.localize import point_source
     from trainer.errors import UserError
@@ -225,9 +247,27 @@ def test_a_localiser_is_named_or_the_error_says_what_to_do(layout, tmp_path):
     not_a_localiser = tmp_path / "classifier.pt"
     import torch
 
-    torch.save(dict(config=TrainConfig().to_dict()), not_a_localiser)
+    torch.save(dict(config=TrainConfig().to_dict(), state_dict={}), not_a_localiser)
     with pytest.raises(UserError, match="not a localiser checkpoint"):
         point_source(str(not_a_localiser), layout.root, uri)
+    for junk, what in ((b'{"a": 1}', "UnpicklingError"), (b"", "EOFError")):  # not a checkpoint at all
+        (tmp_path / "junk.pt").write_bytes(junk)
+        with pytest.raises(UserError, match=f"junk.pt: not a spinesweep checkpoint \\({what}"):
+            point_source(str(tmp_path / "junk.pt"), layout.root, uri)
+
+
+def test_a_localiser_run_or_study_that_is_not_one_is_named(quick_copy, layout):
+    """``runs:/ID`` of a run the store does not have, and ``study:NAME`` of a classifier study: one
+    error line naming it, not MLflow's traceback or "no complete trial"."""
+    from sweep.localize import point_source
+    from sweep.tracking import default_tracking_uri
+    from trainer.errors import UserError
+
+    uri = default_tracking_uri()
+    with pytest.raises(UserError, match="no run '0123456789abcdef'"):
+        point_source("runs:/0123456789abcdef", layout.root, uri)
+    with pytest.raises(UserError, match="study 'quick' is not a localiser study"):
+        point_source("study:quick", layout.root, uri)
 
 
 @pytest.mark.slow

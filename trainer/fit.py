@@ -32,6 +32,7 @@ from .metric import build_solution, class_prior, predictions_frame, score_groups
 from .models import build_model
 # the loop's shared parts live in `training`; imported here too, as before (trainer.fit.resolve_device...)
 from .training import (EMA, Callback, FitResult, environment, loader_workers, lr_lambda, optimizer_step,  # noqa: F401
+                       read_checkpoint,
                        resolve_device, seed_everything, train_val_split, worker_init)
 
 
@@ -311,10 +312,11 @@ def _save_checkpoint(path: Path, model, cfg: TrainConfig, spec: CropSpec, epoch:
 
 
 def load_checkpoint(path: str | Path, device: str = "cpu"):
-    """(model, TrainConfig, checkpoint dict) from a checkpoint written by `fit`."""
+    """(model, TrainConfig, checkpoint dict) from a checkpoint written by `fit`; raises ValueError
+    naming the file when it is not one (`training.read_checkpoint`)."""
     import dataclasses
 
-    ckpt = torch.load(path, map_location=device, weights_only=False)
+    ckpt = read_checkpoint(path, device)
     cfg = TrainConfig.from_dict(ckpt["config"])
     # the weights come from the state dict: never download pretrained ones to overwrite
     model = build_model(dataclasses.replace(cfg.model, pretrained=False), ckpt["n_slices"], len(ckpt["conditions"]))

@@ -191,3 +191,18 @@ def worker_init(worker_id: int) -> None:
     transform = getattr(info.dataset, "transform", None)
     if transform is not None and hasattr(transform, "set_random_seed"):
         transform.set_random_seed(seed)
+
+
+def read_checkpoint(path, device="cpu") -> dict:
+    """The dict a `fit` checkpoint holds (``torch.load``, CPU or `device`). Raises ValueError
+    naming the file when it is not one (another kind of file, truncated, or not a dict)."""
+    import pickle
+    import zipfile
+
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=False)
+    except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, RuntimeError, AttributeError, ImportError) as e:
+        raise ValueError(f"{path}: not a spinesweep checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+    if not isinstance(ckpt, dict) or "config" not in ckpt or "state_dict" not in ckpt:
+        raise ValueError(f"{path}: not a spinesweep checkpoint (no config and state_dict)")
+    return ckpt

@@ -102,10 +102,30 @@ def audit_points(coords: pd.DataFrame, load_volume, predicted: pd.DataFrame | No
     return out.sort_values("badness", ascending=False, kind="stable").reset_index(drop=True)
 
 
+def read_predicted(path, load_volume) -> pd.DataFrame:
+    """A localiser's points to compare with, from either form it writes: a trial's ``oof.csv``
+    (with patient columns) or ``train_label_coordinates.csv`` rows (`optuna-run localize`, the
+    ``oof_coordinates*.csv`` files), whose patient positions are computed here. Raises UserError
+    for a missing file, LayoutError (naming the file and field) for a malformed one."""
+    from pathlib import Path
+
+    from ..data.layout import read_coordinates
+    from ..errors import UserError
+    from .metrics import PATIENT_COLUMNS
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: localiser points file not found")
+    if set(PATIENT_COLUMNS) <= set(pd.read_csv(path, nrows=0).columns):
+        return pd.read_csv(path)
+    return with_patient_positions(read_coordinates(path), load_volume)
+
+
 def audit_folder(data_dir, oof: str | None = None, far_mm: float = 15.0, cache_root=None) -> pd.DataFrame:
-    """`audit_points` over a data folder's training coordinates; `oof`: a localiser trial's
-    ``oof.csv`` (points with patient columns) to compare with. Raises LayoutError for a folder
-    that is not an RSNA layout."""
+    """`audit_points` over a data folder's training coordinates; `oof`: a localiser's out-of-fold
+    points to compare with (`read_predicted`: a trial's ``oof.csv`` or coordinate rows). Raises
+    LayoutError for a folder that is not an RSNA layout or a malformed points file, UserError for
+    a missing one."""
     from pathlib import Path
 
     from ..data.cache import default_cache_dir
@@ -118,5 +138,5 @@ def audit_folder(data_dir, oof: str | None = None, far_mm: float = 15.0, cache_r
     def load(s, i):
         return store.open(SeriesRef(int(s), int(i), layout.series_dir(s, i)))
 
-    predicted = pd.read_csv(oof) if oof else None
+    predicted = read_predicted(oof, load) if oof else None
     return audit_points(layout.coordinates, load, predicted, far_mm)

@@ -106,7 +106,9 @@ def load_localizer_checkpoint(path, device: str = "cpu") -> tuple[KeypointNet, "
 
     from ..config import TrainConfig
 
-    ckpt = torch.load(path, map_location=device, weights_only=False)
+    from ..training import read_checkpoint
+
+    ckpt = read_checkpoint(path, device)
     if ckpt.get("task") != "localize":
         raise ValueError(f"{path}: not a localiser checkpoint (task {ckpt.get('task', 'classify')!r})")
     cfg = TrainConfig.from_dict(ckpt["config"])
