@@ -37,26 +37,24 @@ DEFAULT_LOG = Path(__file__).resolve().parent.parent / "legacy" / "manual_log.md
 # ------------------------------------------------------------------ argument types and output
 
 
-def positive_int(text: str) -> int:
-    """argparse type: a whole number >= 1."""
+def _whole_number(text: str, minimum: int, words: str) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be positive (got {value})")
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"{words} (got {value})")
     return value
+
+
+def positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1."""
+    return _whole_number(text, 1, "must be positive")
 
 
 def non_negative_int(text: str) -> int:
     """argparse type: a whole number >= 0 (a count that may be zero, a seed)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more (got {value})")
-    return value
+    return _whole_number(text, 0, "must be 0 or more")
 
 
 def positive_float(text: str) -> float:
