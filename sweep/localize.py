@@ -111,6 +111,17 @@ def localizer_version(tracking_uri: str, uri: str):
     return mv
 
 
+def check_device(device: str) -> None:
+    """Raises UserError for a device name torch does not know, or CUDA where there is none."""
+    from trainer.training import resolve_device
+
+    try:
+        resolve_device(device)
+    except RuntimeError as e:
+        msg = str(e).splitlines()[0]
+        raise UserError(msg if msg.startswith("device ") else f"device {device!r}: {msg}") from None
+
+
 def point_source(spec: str | None, data_dir: str | Path, tracking_uri: str, device: str = "cpu") -> tuple[Any, str]:
     """(point source for `trainer.infer.predict_studies` / `trainer.points.locate.localize`, a
     description of it) from a localiser name (module doc). None: the promoted localiser
@@ -122,6 +133,7 @@ def point_source(spec: str | None, data_dir: str | Path, tracking_uri: str, devi
     from trainer.data.layout import Layout
     from trainer.points.locate import Localizer, load_point_source
 
+    check_device(device)
     if spec is None:
         if champion_registered(tracking_uri):
             spec = CHAMPION_URI

@@ -20,7 +20,7 @@ from trainer.metric import TARGET_COLUMNS, class_prior
 
 from .ensemble import combine, ensemble_weights, members
 from . import artifacts as names
-from .localize import GUESS, GUESS_COST
+from .localize import GUESS, GUESS_COST, check_device
 from .promote import PromoteError
 from .tracking import Tracker
 
@@ -47,6 +47,8 @@ def predict(data_dir: str, out: str | Path, tracking_uri: str, name: str = "defa
     from trainer.points.locate import localize
 
     from .localize import point_source
+
+    check_device(device)  # one line for a device this machine lacks, before any model is fetched
 
     ms = members(tracking_uri, name, with_frames=False)
     weights = ensemble_weights(tracking_uri, name, ms)

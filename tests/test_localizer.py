@@ -250,6 +250,11 @@ def test_a_localiser_is_named_or_the_error_says_what_to_do(layout, tmp_path):
     torch.save(dict(config=TrainConfig().to_dict(), state_dict={}), not_a_localiser)
     with pytest.raises(UserError, match="not a localiser checkpoint"):
         point_source(str(not_a_localiser), layout.root, uri)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="empty: a folder without checkpoints"):
+        point_source(str(tmp_path / "empty"), layout.root, uri)
+    with pytest.raises(UserError, match="device 'nosuchdev': "):  # the device, not the checkpoint, is named
+        point_source(str(not_a_localiser), layout.root, uri, device="nosuchdev")
     for junk, what in ((b'{"a": 1}', "UnpicklingError"), (b"", "EOFError")):  # not a checkpoint at all
         (tmp_path / "junk.pt").write_bytes(junk)
         with pytest.raises(UserError, match=f"junk.pt: not a spinesweep checkpoint \\({what}"):

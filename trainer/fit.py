@@ -316,7 +316,7 @@ def load_checkpoint(path: str | Path, device: str = "cpu"):
     naming the file when it is not one (`training.read_checkpoint`)."""
     import dataclasses
 
-    ckpt = read_checkpoint(path, device)
+    ckpt = read_checkpoint(path)
     cfg = TrainConfig.from_dict(ckpt["config"])
     # the weights come from the state dict: never download pretrained ones to overwrite
     model = build_model(dataclasses.replace(cfg.model, pretrained=False), ckpt["n_slices"], len(ckpt["conditions"]))

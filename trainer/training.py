@@ -193,14 +193,15 @@ def worker_init(worker_id: int) -> None:
         transform.set_random_seed(seed)
 
 
-def read_checkpoint(path, device="cpu") -> dict:
-    """The dict a `fit` checkpoint holds (``torch.load``, CPU or `device`). Raises ValueError
-    naming the file when it is not one (another kind of file, truncated, or not a dict)."""
+def read_checkpoint(path) -> dict:
+    """The dict a `fit` checkpoint holds, its tensors on the CPU (callers move the model to its
+    device, so a device problem is never mistaken for a bad file). Raises ValueError naming the
+    file when it is not one (another kind of file, truncated, or not a dict)."""
     import pickle
     import zipfile
 
     try:
-        ckpt = torch.load(path, map_location=device, weights_only=False)
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, RuntimeError, AttributeError, ImportError) as e:
         raise ValueError(f"{path}: not a spinesweep checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
     if not isinstance(ckpt, dict) or "config" not in ckpt or "state_dict" not in ckpt:

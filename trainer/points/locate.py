@@ -319,6 +319,8 @@ def load_point_source(spec: str, layout, device: str = "cpu"):
     if not path.exists():
         raise FileNotFoundError(f"localiser {spec}: no such checkpoint file or folder")
     paths = sorted(path.glob("*.pt")) if path.is_dir() else [path]
+    if not paths:
+        raise ValueError(f"localiser {spec}: a folder without checkpoints (*.pt)")
     return Localizer.from_checkpoints(paths, device)
 
 

@@ -108,7 +108,7 @@ def load_localizer_checkpoint(path, device: str = "cpu") -> tuple[KeypointNet, "
 
     from ..training import read_checkpoint
 
-    ckpt = read_checkpoint(path, device)
+    ckpt = read_checkpoint(path)
     if ckpt.get("task") != "localize":
         raise ValueError(f"{path}: not a localiser checkpoint (task {ckpt.get('task', 'classify')!r})")
     cfg = TrainConfig.from_dict(ckpt["config"])
