@@ -354,7 +354,6 @@ def _data_audit_arguments(p: argparse.ArgumentParser) -> None:
 def data_audit(args: argparse.Namespace) -> int:
     """`optuna-run data audit`."""
     from trainer.points.audit import audit_folder
-
     from trainer.points.metrics import competition_form
 
     found = audit_folder(ensure_data(args.data), args.oof, args.far_mm)

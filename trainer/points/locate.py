@@ -152,21 +152,18 @@ def _near_canal(maps: SeriesMaps, stride: int, among, canal: dict[str, np.ndarra
     canal points there (the disc spacing), so a neighbouring level's foramen weighs about e^-2 of
     its own. The weight only chooses among peaks: the point is the peak itself (`refine`d), never
     pulled towards the canal."""
-    points = [canal[level] for level in LEVELS]
+    grid = {}  # slice position -> the five canal points on its heatmap grid, [5, 2] (column, row)
+    for k in among:
+        xy = [patient_to_pixel(maps.volume, maps.indices[k], canal[level])[:2] for level in LEVELS]
+        u, v = maps.frames[k].to_model(*np.array(xy).T)
+        grid[k] = np.stack([(u + 0.5) / stride - 0.5, (v + 0.5) / stride - 0.5], axis=1)
     out = []
     for lv in range(len(LEVELS)):
         best = None
         for k in among:
             hm = maps.probs[k][lv]
-            idx, frame = maps.indices[k], maps.frames[k]
-            cells = []
-            for p in points[max(lv - 1, 0):lv + 2]:
-                x, y, _ = patient_to_pixel(maps.volume, idx, p)
-                u, v = frame.to_model(x, y)
-                cells.append(((float(u) + 0.5) / stride - 0.5, (float(v) + 0.5) / stride - 0.5))
-            own = cells[0 if lv == 0 else 1]
-            spacing = np.mean([np.hypot(a[0] - b[0], a[1] - b[1]) for a, b in zip(cells, cells[1:])])
-            sd = max(0.5 * spacing, 1.0)
+            own, near = grid[k][lv], grid[k][max(lv - 1, 0):lv + 2]
+            sd = max(0.5 * float(np.linalg.norm(np.diff(near, axis=0), axis=1).mean()), 1.0)  # half the disc spacing
             ij = np.argwhere(local_maxima(hm))
             if not len(ij):
                 continue
