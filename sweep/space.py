@@ -178,8 +178,7 @@ class SearchSpace:
     def suggest(self, trial: optuna.Trial, base: TrainConfig, never=()) -> dict[str, Any]:
         """The sampled values of one trial. Inactive conditional parameters are left out, and so
         are the keys in `never` (pinned with --set or capped by --smoke)."""
-        flat_base = base.to_flat()
-        values: dict[str, Any] = {k: yaml.safe_load(v) for k, v in flat_base.items()}
+        values: dict[str, Any] = base.to_flat(as_str=False)
         out: dict[str, Any] = {}
         op_p: dict[str, float] = {}
         for p in self.params:

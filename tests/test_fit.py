@@ -28,6 +28,7 @@ def tiny_fit(phantom_dir, tmp_path_factory):
     return fit(cfg, callbacks=[lambda e, m: seen.append((e, m))]), seen
 
 
+@pytest.mark.xdist_group("tiny_fit")  # one process trains it (a session fixture is built per process)
 def test_fit_returns_a_complete_result(tiny_fit):
     r, seen = tiny_fit
     assert [e for e, _ in seen] == [1, 2] and len(r.history) == 2
@@ -52,6 +53,7 @@ def test_fit_returns_a_complete_result(tiny_fit):
     assert r.n_train > r.n_val > 0
 
 
+@pytest.mark.xdist_group("tiny_fit")
 def test_checkpoint_describes_itself_and_reloads(tiny_fit):
     r, _ = tiny_fit
     model, cfg, ckpt = load_checkpoint(r.checkpoint)

@@ -256,7 +256,7 @@ def stalling_fit(storage_url: str, study_name: str, marker: Path):
             # no heartbeat for longer than the other side's 1 s grace period (the worker beats every
             # 60 s): it fails the trial as soon as it sees it stale, however loaded the machine
             while study.trials[0].state == optuna.trial.TrialState.RUNNING and time.time() < deadline:
-                time.sleep(0.5)
+                time.sleep(0.1)
                 fail_stale_trials(study)
 
     def fit(cfg, callbacks=(), progress=None):

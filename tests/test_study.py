@@ -100,7 +100,8 @@ def test_a_real_study_logs_every_trial_to_mlflow(phantom_dir, stores):
     assert_every_trial_logged(s, "demo-smoke")
 
 
-@pytest.mark.parametrize("fit", ["quick", pytest.param("real", marks=pytest.mark.slow)])
+@pytest.mark.slow  # two spawned worker processes import torch: seconds; the quota contract (test_sweep_contracts) keeps four processes in the fast loop
+@pytest.mark.parametrize("fit", ["quick", "real"])
 def test_two_workers_make_exactly_n_distinct_trials(fit, phantom_dir, stores):
     from fakes import quick_fit
     from sweep.study import run_study

@@ -8,6 +8,7 @@ new objects, so a study never mutates a shared config.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import types
 import typing
@@ -203,9 +204,10 @@ class TrainConfig:
         """The nested dict as YAML, in field order (what `from_yaml` reads)."""
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
-    def to_flat(self) -> dict[str, str]:
-        """``section.key -> str`` for every field; lists and dicts as JSON."""
-        out: dict[str, str] = {}
+    def to_flat(self, as_str: bool = True) -> dict[str, Any]:
+        """``section.key -> str`` for every field, lists and dicts as JSON (what MLflow params hold);
+        with ``as_str=False`` the plain values instead (tuples as lists)."""
+        out: dict[str, Any] = {}
 
         def walk(obj, prefix):
             for f in dataclasses.fields(obj):
@@ -214,7 +216,7 @@ class TrainConfig:
                 if dataclasses.is_dataclass(v):
                     walk(v, key + ".")
                 else:
-                    out[key] = _flat_str(_to_plain(v))
+                    out[key] = _flat_str(_to_plain(v)) if as_str else _to_plain(v)
 
         walk(self, "")
         return out
@@ -230,7 +232,7 @@ class TrainConfig:
                 fields = {f.name: f for f in dataclasses.fields(ftype)} if dataclasses.is_dataclass(ftype) else {}
                 if p not in fields:
                     raise ConfigError(_unknown(".".join(parts[: i + 1]), fields))
-                hint = typing.get_type_hints(ftype)[p]
+                hint = _hints(ftype)[p]
                 if i < len(parts) - 1:
                     if not dataclasses.is_dataclass(hint):
                         raise ConfigError(f"{'.'.join(parts[: i + 1])}: is a value, not a section")
@@ -243,6 +245,12 @@ class TrainConfig:
 
 
 # ---------------------------------------------------------------- helpers
+
+
+@functools.cache
+def _hints(cls) -> dict[str, Any]:
+    """`typing.get_type_hints` of a config class, evaluated once (the annotations are strings)."""
+    return typing.get_type_hints(cls)
 
 
 def _unknown(key: str, fields) -> str:
@@ -355,7 +363,7 @@ def _type_name(hint) -> str:
 def _build(cls, d: dict, prefix: str):
     if dataclasses.is_dataclass(d):
         return d
-    hints = typing.get_type_hints(cls)
+    hints = _hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
     for k, v in d.items():

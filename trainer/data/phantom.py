@@ -40,6 +40,10 @@ from .layout import CONDITION_NAMES, CONDITIONS, LABEL_COLUMNS, LEVEL_NAMES, LEV
 # levels this gives about 80 / 13 / 7 % Normal-Mild / Moderate / Severe.
 MODERATE_RATE = np.array([0.07, 0.10, 0.13, 0.18, 0.16])
 SEVERE_RATE = np.array([0.02, 0.04, 0.07, 0.12, 0.10])
+_TOTAL_SD = np.sqrt(1 + 0.8**2)  # of a cell's latent severity: the patient's share (sd 0.8) plus the cell's (sd 1)
+# the latent thresholds of Severe and of Moderate-or-worse per level, so that each grade comes at its rate
+_SEVERE_AT = norm.ppf(1 - SEVERE_RATE) * _TOTAL_SD
+_MODERATE_AT = norm.ppf(1 - SEVERE_RATE - MODERATE_RATE) * _TOTAL_SD
 EMPTY_RATE = {"subarticular": 0.03, "other": 0.002}  # about 1% of cells, mostly subarticular
 # degree of degeneration in [0, 1] per grade, overlapping on purpose: Beta(a, b)
 DEGREE_BETA = ((2.0, 7.0), (6.0, 6.0), (8.0, 2.5))
@@ -170,12 +174,11 @@ class Anatomy:
 def _grades(rng: np.random.Generator) -> np.ndarray:
     """(5 conditions, 5 levels) grades 0/1/2, -1 for an empty cell; correlated within a patient."""
     patient = rng.normal() * 0.8
-    total_sd = np.sqrt(1 + 0.8**2)
     grades = np.zeros((5, 5), dtype=int)
     for c, cond in enumerate(CONDITIONS):
         latent = patient + rng.normal(size=5)
-        severe = latent > norm.ppf(1 - SEVERE_RATE) * total_sd
-        moderate = latent > norm.ppf(1 - SEVERE_RATE - MODERATE_RATE) * total_sd
+        severe = latent > _SEVERE_AT
+        moderate = latent > _MODERATE_AT
         grades[c] = np.where(severe, 2, np.where(moderate, 1, 0))
         p_empty = EMPTY_RATE["subarticular" if "subarticular" in cond else "other"]
         grades[c][rng.random(5) < p_empty] = -1

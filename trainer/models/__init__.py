@@ -29,6 +29,7 @@ def _all_models() -> tuple[str, ...]:
     return tuple(timm.list_models())
 
 
+@lru_cache(maxsize=256)  # a name timm accepted stays accepted; a refused one raises, and is not cached
 def check_backbone(name: str) -> None:
     """Raise ConfigError, with close matches, for a backbone timm cannot build: an architecture
     its registry does not hold, or a pretrained tag (``resnet10t.c3_in1k``: the part after the
