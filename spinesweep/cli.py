@@ -475,13 +475,12 @@ def _dashboard_arguments(p: argparse.ArgumentParser) -> None:
 def dashboard(args: argparse.Namespace) -> int:
     from dashboards.report import write_report
     from sweep.storage import open_study
-    from sweep.stores import sqlite_path
+    from sweep.stores import missing_sqlite
     from sweep.tracking import Tracker, redact
 
     study = open_study(_storage(args), args.study)
     uri = _tracking(args)
-    db = sqlite_path(uri)
-    tracker = Tracker(uri) if db is None or db.exists() else None
+    tracker = None if missing_sqlite(uri) else Tracker(uri)  # a study without MLflow runs still has a report
     out = Path(args.out or f"dashboards/{check_study_name(args.study)}.html")
     summary = write_report(study, out, tracker=tracker, tracking_uri=redact(uri))
     return emit(args, summary, lambda: print(
@@ -582,7 +581,9 @@ def _predict_arguments(p: argparse.ArgumentParser) -> None:
          arguments=_predict_arguments)
 def predict(args: argparse.Namespace) -> int:
     from sweep.predict import predict as submit
+    from sweep.tracking import require_store
 
+    require_store(_tracking(args))  # the ensemble is read from it: said before the data is built
     data_dir = ensure_data(args.data)
     out = submit(str(data_dir), args.out, _tracking(args), args.ensemble, args.device, localizer=args.localizer)
     filled = (f"; conditions no member covers, filled with the training label frequencies: "
@@ -608,8 +609,15 @@ def _localize_arguments(p: argparse.ArgumentParser) -> None:
 @command("localize", "every study's points by a localiser, in the train_label_coordinates.csv form",
          parents=("tracking", "data"), arguments=_localize_arguments)
 def localize(args: argparse.Namespace) -> int:
-    from sweep.localize import localize_to_csv
+    from sweep.localize import CHAMPION_URI, localize_to_csv, reads_tracking
+    from sweep.tracking import TrackingError, require_store
 
+    if reads_tracking(args.model):  # said before the data is built
+        try:
+            require_store(_tracking(args))
+        except TrackingError as e:
+            raise UserError(f"localiser {args.model or CHAMPION_URI + ' (the default), else best'}: {e}; or name "
+                            f"a localiser checkpoint, or prior, with --model") from None
     out = localize_to_csv(ensure_data(args.data), args.out, _tracking(args), args.model, args.split, args.device)
     return emit(args, out, lambda: print(
         f"{out['path']}: {out['rows']} points of {out['studies']} {out['split']} studies, by {out['localizer']}"))
@@ -727,13 +735,10 @@ def _announce(args, info: dict, line: str) -> None:
 
 @command("ui", "the MLflow UI on the project's tracking store", parents=("tracking",), arguments=_bind)
 def ui(args: argparse.Namespace) -> int:
-    from sweep.stores import sqlite_path
-    from sweep.tracking import redact
+    from sweep.tracking import redact, require_store
 
     uri = _tracking(args)
-    db = sqlite_path(uri)
-    if db is not None and not db.exists():
-        raise UserError(f"no tracking store at {uri}: run a study first (e.g. optuna-run demo)")
+    require_store(uri)
     url = f"http://{args.host}:{args.port}"
     _announce(args, {"url": url, "tracking_uri": redact(uri)},
               f"MLflow UI on {url} (store {redact(uri)}); Ctrl-C stops it")
@@ -760,7 +765,7 @@ def server(args: argparse.Namespace) -> int:
         Path(artifacts).mkdir(parents=True, exist_ok=True)
         artifacts = Path(artifacts).resolve().as_uri()
     try:
-        Tracker(backend)  # creates the schema once (under a lock), whoever starts first
+        Tracker(backend, create=True)  # creates the schema once (under a lock), whoever starts first
     except Exception as e:
         raise UserError(f"--backend-store-uri {redact(backend)} cannot be opened: {type(e).__name__}: "
                         f"{redact(str(e).splitlines()[0] if str(e) else '')}") from None
@@ -790,21 +795,23 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"optuna-run: error: {where}{message} (see {self.prog} --help)\n")
 
 
-class _Version(argparse.Action):
-    def __init__(self, option_strings, dest, **kw):
-        super().__init__(option_strings, dest, nargs=0, **kw)
+def versions() -> dict[str, str]:
+    """What `--version` prints: spinesweep's version and git commit, Python's, and the key
+    libraries' (`sweep.tracking.package_versions`, the ``version.*`` tags every run records)."""
+    import platform
 
-    def __call__(self, parser, namespace, values, option_string=None):
-        import platform
+    from sweep.tracking import git_commit, package_versions
 
-        from sweep.tracking import git_commit, package_versions
+    found = package_versions()
+    return {"spinesweep": found.pop("spinesweep", "?"), "git": git_commit() or "unknown",
+            "python": platform.python_version(), **found}
 
-        versions = package_versions()
-        lines = [f"spinesweep {versions.pop('spinesweep', '?')} (git {git_commit() or 'unknown'}), "
-                 f"python {platform.python_version()}"]
-        lines += [f"  {k} {v}" for k, v in versions.items()]
-        print("\n".join(lines))
-        parser.exit()
+
+def _print_versions(args: argparse.Namespace) -> int:
+    v = versions()
+    return emit(args, v, lambda: print("\n".join(
+        [f"spinesweep {v.pop('spinesweep')} (git {v.pop('git')}), python {v.pop('python')}"]
+        + [f"  {k} {x}" for k, x in v.items()])))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -816,7 +823,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "(the `study` command; optuna-run study --help)\n"
                     "  optuna-run COMMAND [options]                the commands below",
         epilog="A study: optuna-run demo --n-trials 12; then optuna-run ui, optuna-run runs demo, optuna-run promote demo.")
-    p.add_argument("--version", action=_Version, help="print spinesweep's and its key libraries' versions, and exit")
+    p.add_argument("--version", action="store_true", help="print spinesweep's and its key libraries' versions, and exit")
+    # --json before the command (optuna-run --json runs demo) as after it; a command's own --json sets `json`
+    p.add_argument("--json", action="store_true", dest="json_first", help="print the result as JSON")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", title="commands", parser_class=_Parser)
     for c in COMMANDS.values():
         cp = sub.add_parser(c.name, help=c.help, description=c.help,
@@ -832,12 +841,12 @@ def parse(argv: list[str]) -> argparse.Namespace:
     search space: ``optuna-run demo ...`` is ``optuna-run study demo ...``.
 
     Raises:
-        SystemExit: a bad argument (code 2, after one line on stderr) or --help/--version (code 0).
+        SystemExit: a bad argument (code 2, after one line on stderr) or --help (code 0).
     """
     argv = list(argv)
     if argv and not argv[0].startswith("-") and argv[0] not in COMMANDS:
         argv.insert(0, "study")
-    elif argv and argv[0] not in ("-h", "--help", "--version") and not set(argv) & set(COMMANDS):
+    elif argv and argv[0] not in ("-h", "--help") and not set(argv) & {"--version", *COMMANDS}:
         argv.insert(0, "study")  # flags before the space: optuna-run --smoke demo
     return build_parser().parse_args(argv)
 
@@ -847,8 +856,11 @@ def main(argv: list[str] | None = None) -> int:
     arguments, 130 interrupted)."""
     try:
         args = parse(sys.argv[1:] if argv is None else argv)
-    except SystemExit as e:  # argparse's own exit: --help, --version or a bad argument
+    except SystemExit as e:  # argparse's own exit: --help or a bad argument
         return e.code if isinstance(e.code, int) else 2
+    args.json = getattr(args, "json", False) or args.json_first
+    if args.version:
+        return _print_versions(args)
     if not getattr(args, "func", None):
         build_parser().print_help()
         return 2

@@ -80,12 +80,17 @@ def run_checkpoints(tracking_uri: str, run_id: str, dst: Path) -> list[Path]:
 def champion_registered(tracking_uri: str) -> bool:
     """Whether the registry holds a promoted localiser (`CHAMPION_URI`). A SQLite store that does not
     exist holds none (and is not created: a pyfunc loaded from a folder asks MLflow's default store)."""
-    from .stores import sqlite_path
+    from .stores import missing_sqlite
 
-    db = sqlite_path(tracking_uri)
-    if db is not None and not db.exists():
+    if missing_sqlite(tracking_uri):
         return False
     return Tracker(tracking_uri).model_version(LOCALIZER_MODEL, CHAMPION) is not None
+
+
+def reads_tracking(spec: str | None) -> bool:
+    """Whether the localiser named `spec` (module doc) is looked up in the tracking store: every
+    name but ``prior`` and a local checkpoint file or folder."""
+    return spec is None or spec == "best" or str(spec).startswith(("models:/", "runs:/", "study:"))
 
 
 def localizer_version(tracking_uri: str, uri: str):

@@ -71,9 +71,15 @@ def open_study(storage: RDBStorage | str, study_name: str, **kwargs) -> optuna.S
     """`optuna.load_study` of an existing study (`kwargs`: sampler, pruner).
 
     Raises:
-        StudyError: no study of that name; the message lists the studies the storage holds.
+        StudyError: no study of that name (the message lists the studies the storage holds), or a
+            SQLite storage file that does not exist (it is not created).
     """
     if isinstance(storage, str):
+        from .stores import missing_sqlite
+
+        if db := missing_sqlite(storage):
+            raise StudyError(f"no study {study_name!r}: the storage {db} does not exist (run the study in this "
+                             f"folder first, or name its storage with --storage)")
         storage = make_storage(storage)
     try:
         return optuna.load_study(study_name=study_name, storage=storage, **kwargs)

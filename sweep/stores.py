@@ -32,6 +32,13 @@ def sqlite_path(url: str) -> Path | None:
     return None
 
 
+def missing_sqlite(url: str) -> Path | None:
+    """The absolute path of a ``sqlite:///`` URL's database file when that file does not exist (a
+    command that only reads must not create it), else None (it exists, or the URL is no SQLite one)."""
+    db = sqlite_path(normalize_db_url(url))
+    return db.resolve() if db is not None and not db.exists() else None
+
+
 @contextlib.contextmanager
 def advisory_lock(engine, name: str):
     """A PostgreSQL advisory lock: every host connected to the database sees it."""

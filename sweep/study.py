@@ -204,7 +204,7 @@ def launch(space: SearchSpace, n_trials: int, *, study_name: str, storage_url: s
     _check_distributions(space, study, settings)
     study.set_user_attr("space", space.name)
     study.set_user_attr("space_file_hash", space.file_hash)
-    tracker = Tracker(tracking_uri)
+    tracker = Tracker(tracking_uri, create=True)
     experiment_id = tracker.ensure_experiment(study_name)
     close_dead_parents(tracker, experiment_id, study_name, log=lambda line: print(line, flush=True))
     with contextlib.suppress(Exception):  # a convenience of the UI: never a reason to stop a study

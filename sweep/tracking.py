@@ -93,14 +93,38 @@ def probe_server(uri: str, timeout: float = PROBE_TIMEOUT) -> None:
                             f"start it (optuna-run server) or check --tracking-uri") from None
 
 
-class Tracker:
-    """One MLflow tracking store."""
+def require_store(tracking_uri: str) -> None:
+    """Raise TrackingError when `tracking_uri` is a SQLite store whose file does not exist (a
+    command that only reads checks this before any slow step, and never creates the file)."""
+    from .stores import missing_sqlite
 
-    def __init__(self, tracking_uri: str | None = None):
+    if db := missing_sqlite(tracking_uri):
+        raise TrackingError(f"no tracking store {db}: nothing was logged there; run a study in this folder first "
+                            f"(optuna-run SPACE), or name the store with --tracking-uri")
+
+
+class Tracker:
+    """One MLflow tracking store.
+
+    Args:
+        tracking_uri: a SQLite URI, a database URL or an ``http(s)://`` server (default:
+            `default_tracking_uri`).
+        create: make a SQLite store that does not exist yet (the launcher and the log importer,
+            which write the first runs, do). Without it a missing SQLite file is an error, so a
+            command that only reads (runs, promote, predict, ...) in the wrong folder says so
+            instead of leaving an empty store behind.
+
+    Raises:
+        TrackingError: the store cannot be opened, or (without `create`) its SQLite file does not exist.
+    """
+
+    def __init__(self, tracking_uri: str | None = None, create: bool = False):
         from .stores import creation_lock, normalize_db_url
 
         tracking_uri = normalize_db_url(tracking_uri or default_tracking_uri())
         self.uri = tracking_uri
+        if not create:
+            require_store(tracking_uri)
         self._monitors: dict = {}
         if tracking_uri.startswith(("sqlite:", "postgresql")):
             # a database store is created (migrated) when the client is made: once, under a lock

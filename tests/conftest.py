@@ -86,7 +86,7 @@ def mlflow_template(tmp_path_factory) -> Path:
     from sweep.tracking import Tracker
 
     folder = shared_once(tmp_path_factory, "mlflow_template",
-                         lambda out: Tracker(f"sqlite:///{out / 'mlflow.db'}"))
+                         lambda out: Tracker(f"sqlite:///{out / 'mlflow.db'}", create=True))
     return folder / "mlflow.db"
 
 

@@ -92,3 +92,26 @@ def test_with_json_stdout_holds_the_result_alone(capsys, monkeypatch):
     assert json.loads(out) == {"answer": 42} and "working ..." in err
     assert main(["chatty"]) == 0
     assert capsys.readouterr().out == "working ...\nthe answer is 42\n"
+
+
+def test_json_may_come_before_the_command_and_version_has_json_too(quick_copy, capsys):
+    assert main(["--json", "runs", "quick"]) == 0
+    assert [r["trial"] for r in json.loads(capsys.readouterr().out)] == [3, 0, 1, 2]
+    for argv in (["--version", "--json"], ["--json", "--version"]):
+        assert main(argv) == 0
+        v = json.loads(capsys.readouterr().out)
+        assert v["spinesweep"] == "0.1.0" and v["python"].startswith("3.") and "torch" in v and "optuna" in v
+
+
+@pytest.mark.parametrize("argv", [["runs", "demo"], ["ensemble"], ["reproduce", "0123abcd"], ["promote", "demo"],
+                                  ["dashboard", "demo"], ["predict"], ["ui"], ["localize", "--out", "points.csv"],
+                                  ["localize", "--out", "points.csv", "--model", "runs:/0123abcd"]])
+def test_a_command_that_reads_says_its_store_is_missing_and_creates_nothing(argv, workdir, capsys):
+    """In a folder where no study ran, a command that only reads names the missing store in one
+    line, leaves no empty store behind, and builds no data first (predict and localize would build
+    the phantom)."""
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and ("no tracking store" in err or "the storage" in err), err
+    assert str(workdir) in err  # the file it looked for, absolute
+    assert list(workdir.iterdir()) == []

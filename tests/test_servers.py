@@ -40,7 +40,7 @@ def test_stopping_the_launcher_stops_the_mlflow_ui(tmp_path, monkeypatch, sig):
     from sweep.tracking import Tracker
 
     monkeypatch.chdir(tmp_path)
-    Tracker()  # a store to show
+    Tracker(create=True)  # a store to show
     port = free_port()
     proc = start(["ui", "--port", str(port)], tmp_path)
     try:

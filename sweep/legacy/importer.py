@@ -132,7 +132,7 @@ def import_log(path: str | Path, tracking_uri: str | None = None,
     entries = parse_log(path)
     resolved = resolve(entries)
     lines = path.read_text(encoding="utf-8").splitlines()
-    tracker = Tracker(tracking_uri)
+    tracker = Tracker(tracking_uri, create=True)
     exp_id = tracker.ensure_experiment(experiment)
     tracker.set_experiment_tag(exp_id, "spinesweep.kind", "legacy")
     existing: dict[str, Any] = {}
