@@ -52,9 +52,11 @@ def best_localizer_run(tracking_uri: str, study: str = DEFAULT_STUDY) -> str:
     tracker = Tracker(tracking_uri)
     exp = tracker.get_experiment(study)
     if exp is None:
-        raise UserError(f"no localiser study {study!r} in MLflow ({redact(tracking_uri)}): run `optuna-run localizer "
-                        f"--n-trials 3` then `optuna-run promote localizer` first, or name a localiser ({CHAMPION_URI}, "
-                        "a checkpoint, runs:/RUN_ID, or prior)")
+        others = localizer_studies(tracker)
+        hint = f"; this store has {', '.join('study:' + n for n in others)}" if others else ""
+        raise UserError(f"no localiser study {study!r} in MLflow ({redact(tracking_uri)}){hint}: run `optuna-run "
+                        f"localizer --n-trials 3` then `optuna-run promote localizer` first, or name a localiser "
+                        f"({CHAMPION_URI}, a checkpoint, runs:/RUN_ID, study:NAME, or prior)")
     runs = tracker.search_runs([exp.experiment_id], "tags.trial != '' and attributes.status = 'FINISHED' "
                                "and params.task = 'localize'", order_by=["metrics.score ASC"], max_results=1)
     if not runs:
@@ -63,6 +65,17 @@ def best_localizer_run(tracking_uri: str, study: str = DEFAULT_STUDY) -> str:
                             f"`optuna-run localizer` runs one)")
         raise UserError(f"localiser study {study!r} has no complete trial")
     return runs[0].info.run_id
+
+
+def localizer_studies(tracker: Tracker) -> list[str]:
+    """The names of the experiments (studies) in `tracker`'s store that hold a localiser trial
+    (``params.task = 'localize'``), sorted: what ``study:NAME`` may name (a --smoke study is
+    ``localizer-smoke``)."""
+    by_id = {i: name for name, i in tracker.experiment_ids().items()}
+    if not by_id:
+        return []
+    runs = tracker.search_runs(list(by_id), "tags.trial != '' and params.task = 'localize'", max_results=1000)
+    return sorted({by_id[r.info.experiment_id] for r in runs})
 
 
 def run_checkpoints(tracking_uri: str, run_id: str, dst: Path) -> list[Path]:

@@ -274,7 +274,11 @@ class Tracker:
 
     def experiment_names(self) -> list[str]:
         """The names of the store's active (not deleted) experiments: MLflow's first page, at most 1,000."""
-        return [e.name for e in _retry(self.client.search_experiments)]
+        return list(self.experiment_ids())
+
+    def experiment_ids(self) -> dict[str, str]:
+        """Name -> id of the store's active experiments (MLflow's first page, at most 1,000)."""
+        return {e.name: e.experiment_id for e in _retry(self.client.search_experiments)}
 
     def set_experiment_tag(self, experiment_id: str, key: str, value: str) -> None:
         """Set one tag on an experiment (the runs-table view of `runs_view` is kept this way)."""

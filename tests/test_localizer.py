@@ -275,13 +275,25 @@ def test_a_localiser_run_or_study_that_is_not_one_is_named(quick_copy, layout):
         point_source("study:quick", layout.root, uri)
 
 
-@pytest.mark.slow
-def test_without_a_localiser_study_best_says_how_to_make_one(layout, tmp_path):
+def test_without_a_localiser_study_best_says_how_to_make_one(layout, stores):
+    """No localiser study ``localizer``: the error says how to make one, and names the localiser
+    studies the store does hold (a --smoke one is ``localizer-smoke``) as ``study:NAME``."""
     from sweep.localize import point_source
+    from sweep.tracking import Tracker, default_tracking_uri
     from trainer.errors import UserError
 
-    with pytest.raises(UserError, match="optuna-run localizer"):
-        point_source(None, layout.root, f"sqlite:///{tmp_path / 'mlflow.db'}")
+    uri = default_tracking_uri()
+    with pytest.raises(UserError, match="optuna-run localizer") as e:
+        point_source(None, layout.root, uri)
+    assert "this store has" not in str(e.value)
+    tracker = Tracker(uri)
+    for study, task in (("localizer-smoke", "localize"), ("scs", "classify")):
+        run = tracker.start_run(tracker.ensure_experiment(study), "trial 0", tags={"trial": 0})
+        tracker.log_batch(run, params={"task": task})
+        tracker.end_run(run)
+    with pytest.raises(UserError, match="optuna-run localizer") as e:
+        point_source(None, layout.root, uri)
+    assert "this store has study:localizer-smoke:" in str(e.value)
 
 
 def test_the_audit_tells_a_repeated_instance_from_a_missing_one(phantom_copy, tmp_path):
