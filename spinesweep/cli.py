@@ -167,7 +167,18 @@ def command(name: str, help: str, parents: tuple[str, ...] = (),
 
 
 def _tracking(args) -> str:
-    return resolve_tracking_uri(getattr(args, "tracking_uri", None))
+    """The command's tracking URI (--tracking-uri, or the SQLite store under mlruns/). A server must
+    answer within seconds (`probe_server`): MLflow's client would otherwise retry a refused
+    connection for minutes before the command said anything.
+
+    Raises:
+        TrackingError: an http(s) tracking server that does not answer."""
+    from sweep.tracking import probe_server
+
+    uri = resolve_tracking_uri(getattr(args, "tracking_uri", None))
+    if uri.startswith(("http://", "https://")):
+        probe_server(uri)
+    return uri
 
 
 def _storage(args) -> str:

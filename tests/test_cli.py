@@ -115,3 +115,17 @@ def test_a_command_that_reads_says_its_store_is_missing_and_creates_nothing(argv
     assert err.count("\n") == 1 and ("no tracking store" in err or "the storage" in err), err
     assert str(workdir) in err  # the file it looked for, absolute
     assert list(workdir.iterdir()) == []
+
+
+@pytest.mark.parametrize("argv", [["runs", "quick"], ["ensemble"], ["reproduce", "0123abcd"], ["promote", "quick"],
+                                  ["dashboard", "quick"], ["predict"], ["localize", "--out", "points.csv"]])
+def test_a_tracking_server_that_does_not_answer_is_one_line_in_seconds(argv, quick_copy, capsys):
+    """MLflow's client retries a refused connection for minutes; every command asks the server once
+    first (port 9 refuses at once)."""
+    import time
+
+    started = time.monotonic()
+    assert main([*argv, "--tracking-uri", "http://127.0.0.1:9"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "tracking server http://127.0.0.1:9 does not answer" in err, err
+    assert time.monotonic() - started < 30

@@ -44,6 +44,8 @@ AXIAL_MAX_DISTANCE_MM = 10.0  # the fallback projection must land this close to 
 
 class _CropSpecMethods:
     def blocks(self) -> list[tuple[str, int]]:
+        """The (block, slices) of a sample's input, in channel order: ``sag_t2``, then ``sag_t1_left``
+        and ``sag_t1_right`` (the foramina), then ``axial``, each only when its plane is used."""
         out = []
         if "sag_t2" in self.planes:
             out.append(("sag_t2", self.sag_t2_slices))
@@ -55,10 +57,12 @@ class _CropSpecMethods:
 
     @property
     def n_slices(self) -> int:
+        """The input's channel count: every block's slices summed (the C of a ``[C, H, W]`` crop stack)."""
         return sum(n for _, n in self.blocks())
 
     @classmethod
     def from_config(cls, data_cfg) -> "CropSpec":
+        """The crop spec of a `DataConfig`: its used planes and its pixel fields (`PIXEL_FIELDS`)."""
         return cls(planes=data_cfg.used_planes(), **{name: getattr(data_cfg, name) for name in PIXEL_FIELDS})
 
 
