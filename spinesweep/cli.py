@@ -206,11 +206,8 @@ def _study_arguments(p: argparse.ArgumentParser) -> None:
 @command("study", "an Optuna study of a search space (also: optuna-run SPACE)",
          parents=("data", "storage", "tracking", "study_name"), arguments=_study_arguments)
 def study(args: argparse.Namespace) -> int:
-    import optuna
-
     from sweep.study import run_study
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress lines say it all
     outcome = run_study(args.space, args.n_trials, data=args.data, study_name=args.study_name,
                         storage=args.storage, tracking_uri=args.tracking_uri, workers=args.workers,
                         gpus=args.gpus, trials_per_gpu=args.trials_per_gpu, smoke=args.smoke,
@@ -407,9 +404,9 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
 @command("train", "one training run of a config (the manual log's workflow); --json: the per-epoch table "
          "goes to stderr", parents=("data",), arguments=_train_arguments)
 def train(args: argparse.Namespace) -> int:
-    from trainer.augment import build_augment
+    from sweep.space import check_buildable
     from trainer.config import TrainConfig
-    from trainer.models import check_backbone, check_head
+    from trainer.models.weights import check_pretrained
     from trainer.report import EpochTable, result_summary
 
     cfg = TrainConfig.from_yaml(args.config) if args.config else TrainConfig()
@@ -417,9 +414,9 @@ def train(args: argparse.Namespace) -> int:
     if args.output_dir:
         overrides["output_dir"] = args.output_dir
     cfg = cfg.with_overrides(overrides)  # validates before any data is touched
-    check_backbone(cfg.model.backbone)  # names checked before anything is built or downloaded
-    check_head(cfg.model.head)
-    build_augment(cfg.augment)
+    check_buildable(cfg)  # names checked before anything is built or downloaded
+    check_pretrained([cfg.model.backbone], [cfg.model.pretrained], cfg.model.weights_dir,
+                     warn=lambda line: print(line, file=sys.stderr))
     if args.data or cfg.data.data_dir == TrainConfig().data.data_dir:  # the phantom, built on first use
         cfg = cfg.with_overrides({"data.data_dir": str(ensure_data(args.data))})
     from trainer.fit import fit
@@ -591,10 +588,10 @@ def _predict_arguments(p: argparse.ArgumentParser) -> None:
 @command("predict", "the ensemble on the test studies: a Kaggle submission", parents=("tracking", "data"),
          arguments=_predict_arguments)
 def predict(args: argparse.Namespace) -> int:
+    from sweep.predict import check_ready
     from sweep.predict import predict as submit
-    from sweep.tracking import require_store
 
-    require_store(_tracking(args))  # the ensemble is read from it: said before the data is built
+    check_ready(_tracking(args), args.ensemble, args.device)  # before the data is built (the phantom: seconds)
     data_dir = ensure_data(args.data)
     out = submit(str(data_dir), args.out, _tracking(args), args.ensemble, args.device, localizer=args.localizer)
     filled = (f"; conditions no member covers, filled with the training label frequencies: "
@@ -650,13 +647,16 @@ def import_log(args: argparse.Namespace) -> int:
     from sweep.legacy.importer import enqueue
     from sweep.legacy.importer import import_log as import_entries
 
+    from sweep.space import load_space
+
     path = Path(args.file) if args.file else DEFAULT_LOG
     if not path.is_file():
         raise UserError(f"{path}: no such log file")
+    space = load_space(args.enqueue) if args.enqueue else None  # a bad name is said before any store is made
     summary, resolved = import_entries(path, tracking_uri=_tracking(args), experiment=args.experiment)
     out = {"import": summary.as_dict()}
-    if args.enqueue:
-        out["enqueue"] = enqueue(resolved, args.enqueue, storage_url=_storage(args), study_name=args.study_name,
+    if space is not None:
+        out["enqueue"] = enqueue(resolved, space, storage_url=_storage(args), study_name=args.study_name,
                                  run_ids=summary.run_ids).as_dict()
     return emit(args, out, lambda: _print_import(summary, out.get("enqueue"), args.verbose))
 
@@ -855,11 +855,43 @@ def parse(argv: list[str]) -> argparse.Namespace:
         SystemExit: a bad argument (code 2, after one line on stderr) or --help (code 0).
     """
     argv = list(argv)
-    if argv and not argv[0].startswith("-") and argv[0] not in COMMANDS:
-        argv.insert(0, "study")
-    elif argv and argv[0] not in ("-h", "--help") and not set(argv) & {"--version", *COMMANDS}:
-        argv.insert(0, "study")  # flags before the space: optuna-run --smoke demo
-    return build_parser().parse_args(argv)
+    parser = build_parser()
+    first = _first_word(parser, argv)
+    if first is not None and argv[first] not in COMMANDS:
+        argv.insert(0, "study")  # optuna-run demo ..., and flags before the space: optuna-run --smoke demo
+    return parser.parse_args(argv)
+
+
+def _first_word(parser: argparse.ArgumentParser, argv: list[str]) -> int | None:
+    """The index of the first word of `argv` that is neither a flag nor a flag's value (a command
+    or a search space), or None. A flag's arity is looked up in the top-level parser, then in the
+    `study` command's (the flags that may come before a space); ``--flag=value`` is one word."""
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    known = {**sub.choices["study"]._option_string_actions, **parser._option_string_actions}
+    i = 0
+    while i < len(argv):
+        word = argv[i]
+        if word == "--":
+            return i + 1 if i + 1 < len(argv) else None
+        if not word.startswith("-") or word == "-":
+            return i
+        action = known.get(word.split("=", 1)[0])
+        takes_value = action is not None and action.nargs != 0 and "=" not in word
+        i += 2 if takes_value else 1
+    return None
+
+
+def _quiet_optuna() -> None:
+    """Optuna's INFO lines ("A new study created ...") and its experimental-feature warnings about
+    the heartbeat every storage here is opened with are not a command's output: its own lines say
+    what happened (a study's progress lines, a command's result)."""
+    import warnings
+
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning,
+                            message=r".*(heartbeat|RetryHeartbeatStaleTrialCallback)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -875,6 +907,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         build_parser().print_help()
         return 2
+    _quiet_optuna()
     try:
         if not args.json:
             return args.func(args)

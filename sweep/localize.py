@@ -94,7 +94,12 @@ def champion_registered(tracking_uri: str) -> bool:
     """Whether the registry holds a promoted localiser (`CHAMPION_URI`). A SQLite store that does not
     exist holds none (and is not created: a pyfunc loaded from a folder asks MLflow's default store)."""
     from .stores import missing_sqlite
+    from .tracking import TrackingError, check_tracking_uri
 
+    try:
+        check_tracking_uri(tracking_uri)  # MLFLOW_TRACKING_URI may name a folder: it holds no registry
+    except TrackingError:
+        return False
     if missing_sqlite(tracking_uri):
         return False
     return Tracker(tracking_uri).model_version(LOCALIZER_MODEL, CHAMPION) is not None

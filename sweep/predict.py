@@ -25,6 +25,18 @@ from .promote import PromoteError
 from .tracking import Tracker
 
 
+def check_ready(tracking_uri: str, name: str = "default", device: str = "cpu") -> list:
+    """What `predict` checks before it reads any data or fetches any model: the device exists on
+    this machine and the ensemble `name` has members. Returns the members (`ensemble.members`,
+    without their frames).
+
+    Raises:
+        UserError: a device this machine lacks; PromoteError: no such ensemble, or no member yet;
+        TrackingError: the tracking store does not exist or does not answer."""
+    check_device(device)
+    return members(tracking_uri, name, with_frames=False)
+
+
 def predict(data_dir: str, out: str | Path, tracking_uri: str, name: str = "default", device: str = "cpu",
             log=print, localizer: str | None = None) -> dict[str, Any]:
     """Write the ensemble `name`'s submission for the test studies of `data_dir` to `out` (the
@@ -48,9 +60,7 @@ def predict(data_dir: str, out: str | Path, tracking_uri: str, name: str = "defa
 
     from .localize import point_source
 
-    check_device(device)  # one line for a device this machine lacks, before any model is fetched
-
-    ms = members(tracking_uri, name, with_frames=False)
+    ms = check_ready(tracking_uri, name, device)
     weights = ensemble_weights(tracking_uri, name, ms)
     layout = Layout(Path(data_dir))
     study_ids = sorted(layout.test_series["study_id"].unique().tolist())

@@ -16,7 +16,9 @@ def _experiment(tracker: Tracker, name: str):
     exp = tracker.get_experiment(name)
     if exp is None:
         names = tracker.experiment_names()
-        raise UserError(f"no MLflow experiment {name!r} (have: {', '.join(names) or 'none'})")
+        hint = "; the manual log becomes it with optuna-run import-log" if name == "legacy" else (
+            f"; a study makes it: optuna-run {name.removesuffix('-smoke')}" + (" --smoke" if name.endswith("-smoke") else ""))
+        raise UserError(f"no MLflow experiment {name!r} (have: {', '.join(names) or 'none'}){hint}")
     return exp
 
 

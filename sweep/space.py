@@ -33,7 +33,7 @@ from typing import Any
 import optuna
 import yaml
 
-from trainer.config import ConfigError, TrainConfig
+from trainer.config import ConfigError, TrainConfig, read_yaml
 from trainer.errors import UserError, did_you_mean
 
 SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
@@ -260,14 +260,7 @@ def load_space(name_or_path: str) -> SearchSpace:
     """Load and validate a space: every key, distribution and name, building nothing."""
     path = resolve_space_path(name_or_path)
     where = str(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise SpaceError(f"{where}: cannot be read as a UTF-8 YAML file ({e})") from None
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise SpaceError(f"{where}: invalid YAML ({e})") from None
+    raw = read_yaml(path, SpaceError)
     if raw is None:
         raise SpaceError(f"{where}: the file is empty; a space needs at least `params` (see search_spaces/demo.yaml)")
     if not isinstance(raw, dict):
@@ -322,7 +315,7 @@ def load_space(name_or_path: str) -> SearchSpace:
         name=path.stem, path=path.resolve(), description=str(raw.get("description", "")).strip(),
         direction=direction, fixed=fixed, params=tuple(params), sampler=sampler, pruner=pruner,
         folds=folds, n_trials=n_trials, timeout=timeout, smoke=smoke,
-        file_hash=hashlib.sha1(text.encode()).hexdigest()[:12],
+        file_hash=hashlib.sha1(path.read_text(encoding="utf-8").encode()).hexdigest()[:12],
     )
 
 

@@ -85,13 +85,13 @@ def run_study(space: str | SearchSpace, n_trials: int | None = None, *, data: st
     settings = Settings(smoke=smoke, pinned=dict(pinned or {}))
     space.config(settings)  # validates the pinned keys before any trial starts
     _check_weights(space, settings, log)
+    study_name = check_study_name(study_name or (f"{space.name}-smoke" if smoke else space.name))
+    check_stores(storage, tracking_uri)  # before the data: building the phantom takes seconds
     data_dir = ensure_data(data)
     settings = dataclasses.replace(settings, data_dir=str(data_dir))
-    study_name = check_study_name(study_name or (f"{space.name}-smoke" if smoke else space.name))
     n_trials = n_trials if n_trials is not None else space.n_trials
     layout = Layout(data_dir)
     layout.validate()  # the label CSVs, once: no trial starts on data `data check` rejects
-    check_stores(storage, tracking_uri)
     tags = {"git_commit": git_commit(), "data_fingerprint": data_fingerprint(layout),
             "space_file": space.path.name, "space_file_hash": space.file_hash,
             **{f"version.{k}": v for k, v in package_versions().items()}}
@@ -151,19 +151,13 @@ def _check_weights(space: SearchSpace, settings: Settings, log: Callable[[str], 
         PretrainedUnavailable: `model.pretrained` is true and a backbone has no weights (one line
             listing them and the ways to provide them).
     """
-    from trainer.models.weights import PretrainedUnavailable, check_loadable, resolve_weights
+    from trainer.models.weights import check_pretrained
 
     base = space.config(settings)
     sampled = {p.key: p for p in space.params if p.key not in settings.never_sampled(space)}
     backbones = sampled["model.backbone"].choices if "model.backbone" in sampled else (base.model.backbone,)
     pretrained = sampled["model.pretrained"].choices if "model.pretrained" in sampled else (base.model.pretrained,)
-    if True in pretrained:
-        check_loadable(resolve_weights(backbones, base.model.weights_dir or None))
-    elif "auto" in pretrained:  # trials fall back to random init: say so once, here
-        try:
-            check_loadable(resolve_weights(backbones, base.model.weights_dir or None))
-        except PretrainedUnavailable as e:
-            log(f"warning: {e} (model.pretrained=auto: those trials start from random init)")
+    check_pretrained(backbones, pretrained, base.model.weights_dir, warn=log)  # auto: said once, here
 
 
 @dataclass
@@ -214,8 +208,10 @@ def launch(space: SearchSpace, n_trials: int, *, study_name: str, storage_url: s
     if TrialQuota(storage_url, study_name, n_trials).full(trials) and not any(
             t.state == TrialState.RUNNING for t in trials):
         # a no-op resume: the study already holds its N trials; no empty parent run in MLflow
-        print(f"study {study_name} already holds its {n_trials} trials: nothing to run "
-              f"(a larger --n-trials adds to it)", flush=True)
+        held = len(TrialQuota.counted(trials))
+        print(f"study {study_name} already holds {held} counted trial{'s' * (held != 1)} (--n-trials {n_trials} is "
+              f"the study's total, not a number to add): nothing to run; a --n-trials above {held} adds to it",
+              flush=True)
         return StudyOutcome(study, None, experiment_id, tracking_uri, _counts(trials), time.time() - started)
     beat = heartbeat or HEARTBEAT_INTERVAL
     parent = tracker.start_run(experiment_id, f"{study_name}-{time.strftime('%Y%m%d-%H%M%S')}", tags={

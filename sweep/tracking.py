@@ -93,6 +93,16 @@ def probe_server(uri: str, timeout: float = PROBE_TIMEOUT) -> None:
                             f"start it (optuna-run server) or check --tracking-uri") from None
 
 
+def check_tracking_uri(tracking_uri: str) -> None:
+    """Raise TrackingError for a URI naming MLflow's file store (a folder, ``file://...``), which
+    MLflow 3 refuses with a traceback: the message says what to use instead (a SQLite file)."""
+    uri = str(tracking_uri)
+    if uri.startswith("file:") or ("://" not in uri and not uri.startswith(("sqlite:", "databricks"))):
+        folder = uri[len("file://"):] if uri.startswith("file://") else uri.removeprefix("file:")
+        raise TrackingError(f"tracking URI {uri}: MLflow 3 no longer opens a folder (its file store); use a SQLite "
+                            f"file, e.g. --tracking-uri sqlite:///{Path(folder or '.').resolve() / 'mlflow.db'}")
+
+
 def require_store(tracking_uri: str) -> None:
     """Raise TrackingError when `tracking_uri` is a SQLite store whose file does not exist (a
     command that only reads checks this before any slow step, and never creates the file)."""
@@ -123,6 +133,7 @@ class Tracker:
 
         tracking_uri = normalize_db_url(tracking_uri or default_tracking_uri())
         self.uri = tracking_uri
+        check_tracking_uri(tracking_uri)
         if not create:
             require_store(tracking_uri)
         self._monitors: dict = {}

@@ -71,15 +71,19 @@ def ensure_data(data: str | None) -> Path:
 
 
 def check_stores(storage: str | None, tracking_uri: str | None) -> None:
-    """Before any trial: a SQLite file given explicitly goes in a folder that exists (a typo is not
-    silently created), and an HTTP tracking server answers within seconds.
+    """Before any trial: the tracking URI is no folder (MLflow 3 refuses its file store), a SQLite
+    file given explicitly goes in a folder that exists (a typo is not silently created), and an
+    HTTP tracking server answers within seconds.
 
     Raises:
-        UserError: the folder does not exist; `TrackingError` (a UserError): the server does not answer.
+        UserError: the folder does not exist; `TrackingError` (a UserError): a file-store URI, or a
+            server that does not answer.
     """
     from .stores import sqlite_path
-    from .tracking import probe_server
+    from .tracking import check_tracking_uri, probe_server
 
+    if tracking_uri:
+        check_tracking_uri(tracking_uri)
     for flag, url in (("--storage", storage), ("--tracking-uri", tracking_uri)):
         db = sqlite_path(url) if url else None
         if db is not None and not db.parent.is_dir():

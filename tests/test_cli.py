@@ -77,6 +77,10 @@ def test_json_output_of_a_command_that_prints_a_table_by_default(quick_copy, cap
 def test_flags_before_the_space_still_mean_the_study_command():
     assert vars(parse(["--smoke", "demo", "--n-trials", "2"])) == vars(parse(["study", "demo", "--smoke",
                                                                               "--n-trials", "2"]))
+    # a flag's value that is also a command's name is still a value
+    for argv in (["--smoke", "demo", "--study-name", "runs"], ["--data", "data", "demo"], ["--study-name=train", "demo"]):
+        args = parse(argv)
+        assert (args.command, args.space) == ("study", "demo"), argv
 
 
 def test_with_json_stdout_holds_the_result_alone(capsys, monkeypatch):
@@ -129,3 +133,32 @@ def test_a_tracking_server_that_does_not_answer_is_one_line_in_seconds(argv, qui
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "tracking server http://127.0.0.1:9 does not answer" in err, err
     assert time.monotonic() - started < 30
+
+
+@pytest.mark.parametrize("argv", [["runs", "demo"], ["demo", "--smoke", "--n-trials", "1"]])
+@pytest.mark.parametrize("uri", ["file:///tmp/spinesweep-no-such-store", "/tmp/spinesweep-no-such-store"])
+def test_a_file_store_uri_is_one_line_that_says_what_to_use(argv, uri, workdir, capsys):
+    """MLflow 3 refuses its file store with a traceback; every command says to use a SQLite file,
+    before any data is built."""
+    assert main([*argv, "--tracking-uri", uri]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "sqlite:////tmp/spinesweep-no-such-store/mlflow.db" in err, err
+    assert list(workdir.iterdir()) == []
+
+
+def test_checks_that_need_no_data_come_before_the_data_is_built(quick_copy, capsys):
+    """A wrong ensemble name or search space is said before the phantom is built (seconds) or a
+    store is created."""
+    assert main(["predict", "--ensemble", "nosuch"]) == 2
+    assert "ensemble 'nosuch' has no members" in capsys.readouterr().err
+    assert not (quick_copy / "data").exists()
+    empty = quick_copy / "empty"
+    empty.mkdir()
+    log = empty.parent / "log.md"
+    log.write_text("exp001 resnet18 lr 1e-3 -> 0.5\n")
+    import os
+
+    os.chdir(empty)
+    assert main(["import-log", str(log), "--enqueue", "nosuch"]) == 2
+    assert "unknown search space 'nosuch'" in capsys.readouterr().err
+    assert list(empty.iterdir()) == []

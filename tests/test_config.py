@@ -77,3 +77,22 @@ def test_invalid_yaml_names_the_file(tmp_path):
     p.write_text("optim:\n  lr: x\n")
     with pytest.raises(ConfigError, match="bad.yaml: optim.lr: expected a number"):
         TrainConfig.from_yaml(p)
+
+
+@pytest.mark.parametrize("make,message", [
+    (lambda p: None, "no such file"),
+    (lambda p: p.mkdir(), "a folder, not a YAML file"),
+    (lambda p: p.write_bytes(b"\x89PNG\r\n\xff\xfe" + bytes(range(256))), "not a text file"),
+    (lambda p: p.write_text("optim: [1,\n  lr: 2\n"), "invalid YAML at line 3, column 1"),
+])
+def test_a_config_file_that_cannot_be_read_is_one_line_naming_it(tmp_path, make, message, capsys):
+    from spinesweep.cli import main
+
+    p = tmp_path / "cfg.yaml"
+    make(p)
+    with pytest.raises(ConfigError, match=message) as e:
+        TrainConfig.from_yaml(p)
+    assert str(e.value).startswith(f"{p}: ") and "\n" not in str(e.value)
+    assert main(["train", "--config", str(p)]) == 2  # the command line: one line, no traceback
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err

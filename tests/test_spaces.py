@@ -95,7 +95,7 @@ def test_bad_spaces_fail_naming_file_and_key(tmp_path, text, message):
 def test_a_binary_space_file_is_one_line(tmp_path):
     p = tmp_path / "s.yaml"
     p.write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe" + bytes(range(256)))
-    with pytest.raises(SpaceError, match=r"s\.yaml: cannot be read as a UTF-8 YAML file"):
+    with pytest.raises(SpaceError, match=r"s\.yaml: not a text file \(YAML is UTF-8 text\)"):
         load_space(str(p))
 
 

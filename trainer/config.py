@@ -176,13 +176,10 @@ class TrainConfig:
         """From a YAML file of config sections.
 
         Raises:
-            ConfigError: invalid YAML, a top level that is not a mapping, or a bad key (prefixed with the path).
-            OSError: the file cannot be read."""
+            ConfigError: a missing or unreadable file, invalid YAML (with its line and column), a top
+                level that is not a mapping, or a bad key (each prefixed with the path)."""
         path = Path(path)
-        try:
-            d = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: invalid YAML ({e})") from e
+        d = read_yaml(path) or {}
         if not isinstance(d, dict):
             raise ConfigError(f"{path}: top level must be a mapping of config sections")
         try:
@@ -245,6 +242,33 @@ class TrainConfig:
 
 
 # ---------------------------------------------------------------- helpers
+
+
+def read_yaml(path: str | Path, error: type[UserError] = ConfigError) -> Any:
+    """The parsed content of a YAML file (None when it is empty): a config, a search space.
+
+    Raises:
+        `error` (ConfigError by default), in one line naming the file: it does not exist, is a
+        folder, is not UTF-8 text or cannot be read, or its YAML is invalid (with line and column).
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise error(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise error(f"{path}: a folder, not a YAML file") from None
+    except UnicodeDecodeError:
+        raise error(f"{path}: not a text file (YAML is UTF-8 text)") from None
+    except OSError as e:
+        raise error(f"{path}: cannot be read ({e.strerror or e})") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        why = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise error(f"{path}: invalid YAML{at}: {why}") from None
 
 
 @functools.cache

@@ -231,17 +231,21 @@ def place_in_space(r: Resolved, space) -> tuple[dict[str, Any], str | None]:
     return params, None
 
 
-def enqueue(resolved: list[Resolved], space_name: str, storage_url: str | None = None,
+def enqueue(resolved: list[Resolved], space_name, storage_url: str | None = None,
             study_name: str | None = None, run_ids: dict[str, str] | None = None) -> EnqueueSummary:
-    """Add the entries inside the space as COMPLETE trials of its study (created if needed),
-    before any sampled trial. Idempotent: an entry already in the study is not added twice."""
+    """Add the entries inside the space (a name, a path or a loaded `SearchSpace`) as COMPLETE
+    trials of its study (created if needed), before any sampled trial. Idempotent: an entry
+    already in the study is not added twice.
+
+    Raises:
+        SpaceError: the space cannot be loaded."""
     import optuna
 
-    from ..space import load_space
+    from ..space import SearchSpace, load_space
     from ..storage import make_storage
     from ..workspace import resolve_storage
 
-    space = load_space(space_name)
+    space = space_name if isinstance(space_name, SearchSpace) else load_space(space_name)
     study_name = study_name or space.name
     key = _value_key(space.folds)
     summary = EnqueueSummary(space=space.name, study=study_name, value=key or "-")

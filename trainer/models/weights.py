@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ..errors import UserError
 
-__all__ = ["PretrainedUnavailable", "check_loadable", "local_weights", "resolve_weights"]
+__all__ = ["PretrainedUnavailable", "check_loadable", "check_pretrained", "local_weights", "resolve_weights"]
 
 HUB_TIMEOUT = 5.0  # seconds: the one probe of the hub before a download is attempted
 _FILES = ("{}.safetensors", "{}.pth", "{}.bin", "{}.pt", "{}/model.safetensors", "{}/pytorch_model.bin")
@@ -175,7 +175,7 @@ def resolve_weights(backbones, weights_dir: str | Path | None = None) -> dict[st
             f"pretrained weights for backbone(s) {', '.join(missing)} cannot be had ({'; '.join(f'{k}: {v}' for k, v in missing.items())}; "
             f"looked in {where}the Hugging Face cache {_hf_cache()}). Provide them: a folder of files named "
             f"<backbone>.safetensors (or .pth) given as model.weights_dir, or a filled Hugging Face cache "
-            f"(HF_HOME; HF_HUB_OFFLINE=1 to use it offline), or train from scratch with --set model.pretrained=false (model.pretrained=auto falls back to it)")
+            f"(HF_HOME; HF_HUB_OFFLINE=1 to use it offline), or train from scratch with model.pretrained=false (a study: --set model.pretrained=false; model.pretrained=auto falls back to it)")
     return found
 
 
@@ -200,4 +200,25 @@ def check_loadable(found: dict[str, Path]) -> None:
     if bad:
         raise PretrainedUnavailable(
             f"pretrained weights found but not loadable for backbone(s) {', '.join(bad)} ({'; '.join(bad.values())}). "
-            f"Replace the file with that backbone's own weights, or train from scratch with --set model.pretrained=false")
+            f"Replace the file with that backbone's own weights, or train from scratch with model.pretrained=false (a study: "
+            f"--set model.pretrained=false)")
+
+
+def check_pretrained(backbones, pretrained, weights_dir: str | Path | None = None, warn=None) -> None:
+    """Before any training: the weights of every backbone in `backbones` found and loadable when
+    any value `model.pretrained` may take (`pretrained`: True, False, "auto") is True. With "auto"
+    (and no True) a backbone without weights is only a warning (`warn(line)`): those runs start
+    from random init.
+
+    Raises:
+        PretrainedUnavailable: pretrained weights are required and a backbone has none, or its file
+            does not load (one line naming them and the ways to provide them).
+    """
+    if True in pretrained:
+        check_loadable(resolve_weights(backbones, weights_dir or None))
+    elif "auto" in pretrained:
+        try:
+            check_loadable(resolve_weights(backbones, weights_dir or None))
+        except PretrainedUnavailable as e:
+            if warn is not None:
+                warn(f"warning: {e} (model.pretrained=auto: those runs start from random init)")
