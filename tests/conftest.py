@@ -16,8 +16,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from filelock import FileLock  # noqa: E402
 
-from trainer.data.layout import Layout  # noqa: E402
-from trainer.data.phantom import make_phantom  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def shared_once(tmp_path_factory, name: str, build) -> Path:
@@ -39,6 +38,42 @@ def shared_once(tmp_path_factory, name: str, build) -> Path:
     return out
 
 
+def kept_across_runs(request, name: str, key: str, build) -> Path:
+    """The folder ``name``, filled by ``build(folder)`` once per `key` and kept between test runs
+    in pytest's cache (``.pytest_cache/d/spinesweep/``; ``pytest --cache-clear`` empties it), for
+    fixtures that are a pure function of `key`: the sources and library versions that make them.
+    Built under a file lock (xdist workers and concurrent runs wait for one build). Read-only.
+    Without pytest's cache (``-p no:cacheprovider``), built once per run (`shared_once`)."""
+    cache = getattr(request.config, "cache", None)
+    if cache is None:
+        return shared_once(request.getfixturevalue("tmp_path_factory"), name, build)
+    root = cache.mkdir("spinesweep")
+    out = root / f"{name}-{key}"
+    with FileLock(str(root / f"{name}.lock")):
+        if not (out / ".built").exists():
+            for old in root.glob(f"{name}-*"):  # an older key's build: its sources changed
+                shutil.rmtree(old, ignore_errors=True)
+            out.mkdir(parents=True)
+            build(out)
+            (out / ".built").touch()
+    return out
+
+
+def source_key(*parts: str, files=(), packages=()) -> str:
+    """A short hash of `parts`, the contents of `files` (paths under the repository, globs
+    allowed) and the installed versions of `packages`: the key of a `kept_across_runs` folder."""
+    import hashlib
+    from importlib.metadata import version
+
+    h = hashlib.sha1("\n".join(parts).encode())
+    for pattern in files:
+        for f in sorted(ROOT.glob(pattern)):
+            h.update(f.relative_to(ROOT).as_posix().encode() + f.read_bytes())
+    for package in packages:
+        h.update(f"{package}=={version(package)}".encode())
+    return h.hexdigest()[:16]
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _private_cache(tmp_path_factory):
     """Never touch the user's ~/.cache/spinesweep from tests: one private cache per test run."""
@@ -52,12 +87,22 @@ def _private_cache(tmp_path_factory):
         os.environ["SPINESWEEP_CACHE"] = old
 
 
+# what the phantom's files are a function of: its generator (with the DICOM, geometry and layout
+# code it uses) and the libraries that compute and write the pixels
+PHANTOM_SOURCES = dict(files=("trainer/data/*.py", "trainer/errors.py"),
+                       packages=("numpy", "scipy", "opencv-python-headless", "pydicom", "pandas"))
+
+
 @pytest.fixture(scope="session")
-def phantom_dir(tmp_path_factory) -> Path:
-    """A small phantom (10 train + 2 test studies), built once per session. Read-only: copy it
+def phantom_dir(request) -> Path:
+    """A small phantom (10 train + 2 test studies), built once and kept between runs while its
+    generator and libraries are unchanged (`kept_across_runs`). Read-only: copy it
     (`phantom_copy`) before breaking anything."""
-    return shared_once(tmp_path_factory, "phantom",
-                       lambda out: make_phantom(out, studies=10, test_studies=2, seed=7, jobs=2))
+    from trainer.data.phantom import make_phantom
+
+    args = dict(studies=10, test_studies=2, seed=7)
+    return kept_across_runs(request, "phantom", source_key(repr(args), **PHANTOM_SOURCES),
+                            lambda out: make_phantom(out, jobs=2, **args))
 
 
 @pytest.fixture
@@ -68,7 +113,9 @@ def phantom_copy(phantom_dir, tmp_path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def layout(phantom_dir) -> Layout:
+def layout(phantom_dir):
+    from trainer.data.layout import Layout
+
     return Layout(phantom_dir)
 
 
@@ -80,13 +127,15 @@ def workdir(tmp_path, monkeypatch) -> Path:
 
 
 @pytest.fixture(scope="session")
-def mlflow_template(tmp_path_factory) -> Path:
-    """An empty MLflow tracking DB, created (schema migrated) once per session: creating one costs
-    seconds, and most tests that run a study only need one to be there."""
+def mlflow_template(request) -> Path:
+    """An empty MLflow tracking DB, created (schema migrated) once and kept between runs while
+    MLflow's version is unchanged: creating one costs seconds, and most tests that run a study
+    only need one to be there. Copy it (`stores`), never write to it."""
     from sweep.tracking import Tracker
 
-    folder = shared_once(tmp_path_factory, "mlflow_template",
-                         lambda out: Tracker(f"sqlite:///{out / 'mlflow.db'}", create=True))
+    key = source_key(files=("sweep/tracking.py",), packages=("mlflow", "sqlalchemy", "alembic"))
+    folder = kept_across_runs(request, "mlflow_template", key,
+                              lambda out: Tracker(f"sqlite:///{out / 'mlflow.db'}", create=True))
     return folder / "mlflow.db"
 
 
@@ -163,8 +212,25 @@ def quick_copy(quick_study, tmp_path, monkeypatch) -> Path:
 def phantom30_dir(tmp_path_factory) -> Path:
     """A 30-study phantom (and 2 test studies), built once per session for the slow tests that
     measure point statistics or train the localiser. Read-only."""
+    from trainer.data.phantom import make_phantom
+
     return shared_once(tmp_path_factory, "phantom30",
                        lambda out: make_phantom(out, studies=30, test_studies=2, seed=1, jobs=2))
+
+
+# -- xdist groups ------------------------------------------------------------------------------------
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config, items):
+    """Under ``--dist loadgroup`` (scripts/test), a test marked ``xdist_group`` must carry its
+    group in its node id, or xdist spreads the group over the processes and each builds the
+    group's per-process fixtures again. pytest 9.2 with pytest-xdist 3.8 dropped it without a word
+    (pytest-dev/pytest-xdist#1386; pyproject.toml keeps pytest below 9.2): fail loudly instead."""
+    if not getattr(config.option, "loadgroup", False):
+        return
+    lost = [i.nodeid for i in items if i.get_closest_marker("xdist_group") and "@" not in i.nodeid]
+    if lost:
+        raise pytest.UsageError(f"--dist loadgroup ignores the xdist_group of {len(lost)} test(s), e.g. {lost[0]}: "
+                                "this pytest / pytest-xdist pair does not group (pytest-dev/pytest-xdist#1386)")
 
 
 # -- test time by loop -----------------------------------------------------------------------------
