@@ -158,7 +158,6 @@ def test_levels_are_placed_jointly_in_head_to_feet_order():
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("phantom30")  # one process builds the 30-study phantom
 def test_the_localizer_learns_the_phantom_and_its_points_feed_the_layout_reader(phantom30_dir, tmp_path):
     """fit(task=localize) on a 30-study phantom: its out-of-fold points land far closer than the
     mean-position guess's; its checkpoint places every point of a study as a Localizer, in rows

@@ -42,7 +42,6 @@ def test_phantom_points_spread_like_the_real_sets(scale):
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("phantom30")  # one process builds the 30-study phantom
 def test_level_prior_misses_most_points_of_the_small_phantom(phantom30_dir):
     """Measured as DOMAIN.md measures the real set: LevelPrior fitted on a 30-study phantom's files,
     its guesses against the labelled sagittal points, in pixels over each study's disc spacing."""
