@@ -262,3 +262,13 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         n = getattr(config.option, "numprocesses", None) or 1
         over = f" summed over {n} processes" if n > 1 else ""
         terminalreporter.write_sep("-", f"wall {wall:.0f} s; test time by loop{over}: {', '.join(parts)}")
+
+
+@pytest.fixture(scope="session")
+def phantom50_dir(tmp_path_factory) -> Path:
+    """A 50-study phantom (no test studies), built once per run for the slow tests that train a
+    real model to the issue's bar. Read-only."""
+    from trainer.data.phantom import make_phantom
+
+    return shared_once(tmp_path_factory, "phantom50",
+                       lambda out: make_phantom(out, studies=50, test_studies=0, seed=0, jobs=2))

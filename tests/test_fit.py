@@ -117,18 +117,13 @@ def test_train_command_names_a_bad_backbone_without_a_traceback(capsys):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("config", ["configs/phantom_scs.yaml", "configs/phantom_all.yaml"])
-def test_a_small_model_learns_the_phantom(config, tmp_path_factory):
+def test_a_small_model_learns_the_phantom(config, phantom50_dir):
     """The issue's bar: on a 50-study phantom, on CPU, score < 0.7 x the prior's. The two configs
     train side by side in two test processes, on one phantom built by the first to ask."""
     from pathlib import Path
 
-    from conftest import shared_once
-    from trainer.data.phantom import make_phantom
-
     root = Path(__file__).resolve().parent.parent
-    data = shared_once(tmp_path_factory, "phantom50",
-                       lambda out: make_phantom(out, studies=50, test_studies=0, seed=0, jobs=2))
-    cfg = TrainConfig.from_yaml(root / config).with_overrides({"data.data_dir": str(data)})
+    cfg = TrainConfig.from_yaml(root / config).with_overrides({"data.data_dir": str(phantom50_dir)})
     r = fit(cfg)
     assert r.score < 0.7 * r.prior_score, (r.score, r.prior_score, [h["score"] for h in r.history])
 
