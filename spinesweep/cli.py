@@ -591,9 +591,10 @@ def predict(args: argparse.Namespace) -> int:
     from sweep.predict import check_ready
     from sweep.predict import predict as submit
 
-    check_ready(_tracking(args), args.ensemble, args.device)  # before the data is built (the phantom: seconds)
+    uri = _tracking(args)
+    check_ready(uri, args.ensemble, args.device)  # before the data is built (the phantom: seconds)
     data_dir = ensure_data(args.data)
-    out = submit(str(data_dir), args.out, _tracking(args), args.ensemble, args.device, localizer=args.localizer)
+    out = submit(str(data_dir), args.out, uri, args.ensemble, args.device, localizer=args.localizer)
     filled = (f"; conditions no member covers, filled with the training label frequencies: "
               f"{', '.join(out['filled_with_label_prior'])}" if out["filled_with_label_prior"] else "")
     fell_back = (f"; {out['fallback_rows']} rows of {len(out['fallback_studies'])} studies fell back to the "
@@ -620,13 +621,14 @@ def localize(args: argparse.Namespace) -> int:
     from sweep.localize import CHAMPION_URI, localize_to_csv, reads_tracking
     from sweep.tracking import TrackingError, require_store
 
+    uri = _tracking(args)
     if reads_tracking(args.model):  # said before the data is built
         try:
-            require_store(_tracking(args))
+            require_store(uri)
         except TrackingError as e:
             raise UserError(f"localiser {args.model or CHAMPION_URI + ' (the default), else best'}: {e}; or name "
                             f"a localiser checkpoint, or prior, with --model") from None
-    out = localize_to_csv(ensure_data(args.data), args.out, _tracking(args), args.model, args.split, args.device)
+    out = localize_to_csv(ensure_data(args.data), args.out, uri, args.model, args.split, args.device)
     return emit(args, out, lambda: print(
         f"{out['path']}: {out['rows']} points of {out['studies']} {out['split']} studies, by {out['localizer']}"))
 
