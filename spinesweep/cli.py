@@ -172,10 +172,12 @@ def _tracking(args) -> str:
     connection for minutes before the command said anything.
 
     Raises:
-        TrackingError: an http(s) tracking server that does not answer."""
-    from sweep.tracking import probe_server
+        TrackingError: a folder (MLflow's file store) or an unknown scheme, or an http(s) tracking
+            server that does not answer (or is not MLflow)."""
+    from sweep.tracking import check_tracking_uri, probe_server
 
     uri = resolve_tracking_uri(getattr(args, "tracking_uri", None))
+    check_tracking_uri(uri)  # a folder or an unknown scheme: one line, before any slow step
     if uri.startswith(("http://", "https://")):
         probe_server(uri)
     return uri

@@ -79,18 +79,27 @@ PROBE_TIMEOUT = 5.0  # seconds: an unreachable tracking server is one line, not 
 
 def probe_server(uri: str, timeout: float = PROBE_TIMEOUT) -> None:
     """An HTTP tracking server must answer its /health endpoint within `timeout` seconds; any
-    HTTP answer (even 401 behind a proxy) means it is there."""
+    HTTP answer (even 401 behind a proxy) but 404 means it is there (404: a web server without
+    MLflow behind it). Raises TrackingError otherwise."""
     import urllib.error
     import urllib.request
 
     try:
         urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout).close()
-    except urllib.error.HTTPError:
+    except urllib.error.HTTPError as e:
+        if e.code == 404:  # a web server, but no MLflow behind it (MLflow serves /health)
+            raise TrackingError(f"tracking URI {redact(uri)} answers but is not an MLflow tracking server "
+                                f"(/health: HTTP 404); check --tracking-uri") from None
         return
     except Exception as e:
         reason = getattr(e, "reason", e)
         raise TrackingError(f"tracking server {redact(uri)} does not answer within {timeout:g} s ({reason}); "
                             f"start it (optuna-run server) or check --tracking-uri") from None
+
+
+# the stores MLflow's tracking client opens without plugins (a database, a server, Databricks)
+TRACKING_SCHEMES = {"sqlite", "postgresql", "postgres", "mysql", "mssql", "http", "https", "databricks",
+                    "databricks-uc", "uc"}
 
 
 def check_tracking_uri(tracking_uri: str) -> None:
@@ -101,6 +110,10 @@ def check_tracking_uri(tracking_uri: str) -> None:
         folder = uri[len("file://"):] if uri.startswith("file://") else uri.removeprefix("file:")
         raise TrackingError(f"tracking URI {uri}: MLflow 3 no longer opens a folder (its file store); use a SQLite "
                             f"file, e.g. --tracking-uri sqlite:///{Path(folder or '.').resolve() / 'mlflow.db'}")
+    scheme = uri.split(":", 1)[0].split("+", 1)[0].lower()
+    if scheme not in TRACKING_SCHEMES:
+        raise TrackingError(f"tracking URI {redact(uri)}: unknown scheme {scheme!r}; use sqlite:///PATH/mlflow.db, "
+                            f"postgresql://..., mysql://... or an http(s):// tracking server")
 
 
 def require_store(tracking_uri: str) -> None:
@@ -109,8 +122,8 @@ def require_store(tracking_uri: str) -> None:
     from .stores import missing_sqlite
 
     if db := missing_sqlite(tracking_uri):
-        raise TrackingError(f"no tracking store {db}: nothing was logged there; run a study in this folder first "
-                            f"(optuna-run SPACE), or name the store with --tracking-uri")
+        raise TrackingError(f"no tracking store {db}: nothing was logged there; run a study with this store first "
+                            f"(optuna-run SPACE), or name another with --tracking-uri")
 
 
 class Tracker:

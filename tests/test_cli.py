@@ -135,7 +135,8 @@ def test_a_tracking_server_that_does_not_answer_is_one_line_in_seconds(argv, qui
     assert time.monotonic() - started < 30
 
 
-@pytest.mark.parametrize("argv", [["runs", "demo"], ["demo", "--smoke", "--n-trials", "1"]])
+@pytest.mark.parametrize("argv", [["runs", "demo"], ["demo", "--smoke", "--n-trials", "1"], ["ui"],
+                                  ["localize", "--out", "points.csv"]])
 @pytest.mark.parametrize("uri", ["file:///tmp/spinesweep-no-such-store", "/tmp/spinesweep-no-such-store"])
 def test_a_file_store_uri_is_one_line_that_says_what_to_use(argv, uri, workdir, capsys):
     """MLflow 3 refuses its file store with a traceback; every command says to use a SQLite file,
@@ -162,3 +163,30 @@ def test_checks_that_need_no_data_come_before_the_data_is_built(quick_copy, caps
     assert main(["import-log", str(log), "--enqueue", "nosuch"]) == 2
     assert "unknown search space 'nosuch'" in capsys.readouterr().err
     assert list(empty.iterdir()) == []
+
+
+def test_an_unknown_scheme_or_a_web_server_that_is_not_mlflow_is_one_line(workdir, capsys):
+    import http.server
+    import threading
+
+    assert main(["runs", "demo", "--tracking-uri", "bogus://x"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "unknown scheme 'bogus'" in err, err
+    class NotMlflow(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # a web server that has no /health: 404 for everything
+            self.send_error(404)
+
+        def log_message(self, *args):  # its access log is not the command's output
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NotMlflow)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        uri = f"http://127.0.0.1:{server.server_address[1]}"
+        for argv in (["runs", "demo"], ["demo", "--smoke", "--n-trials", "1"]):
+            assert main([*argv, "--tracking-uri", uri]) == 2
+            err = capsys.readouterr().err
+            assert err.count("\n") == 1 and "is not an MLflow tracking server" in err, err
+    finally:
+        server.shutdown()
+    assert list(workdir.iterdir()) == []
